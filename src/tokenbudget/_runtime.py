@@ -1,0 +1,150 @@
+"""Process-wide state: the active guard and the patches that route SDK calls through it.
+
+Patches are applied with ``wrapt`` when an SDK module is imported (or at once, if it already is) and undone by
+:func:`uninstall`, which puts back the very objects that were there before.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import wrapt
+
+from .clock import Clock
+from .config import Settings, load_settings
+from .guard import Guard
+from .ledger.base import Ledger
+
+__all__ = ["active_guard", "install", "installed", "uninstall"]
+
+log = logging.getLogger("tokenbudget")
+
+_lock = threading.RLock()
+_guard: Guard | None = None
+_patched: list[tuple[Any, str, Any]] = []  # (owner, attribute, original object from owner.__dict__)
+_hooked: set[str] = set()
+
+_SDKS = ("openai", "anthropic")
+
+
+def active_guard() -> Guard | None:
+    return _guard
+
+
+def installed() -> bool:
+    return _guard is not None
+
+
+def _resolve_owner(module: Any, dotted: str) -> tuple[Any, str]:
+    parts = dotted.split(".")
+    owner = module
+    for p in parts[:-1]:
+        owner = getattr(owner, p)
+    return owner, parts[-1]
+
+
+def _wrappers(sdk: str) -> tuple[Any, tuple[tuple[str, str, str], ...]]:
+    from .integrations import base
+
+    if sdk == "openai":
+        from .integrations import openai as mod
+
+        adapter: Any = mod.OpenAIAdapter()
+    else:
+        from .integrations import anthropic as mod  # type: ignore[no-redef]
+
+        adapter = mod.AnthropicAdapter()
+    table = {
+        "sync": base.make_request_wrapper(adapter),
+        "async": base.make_async_request_wrapper(adapter),
+        "events": base.events_wrapper,
+        "aevents": base.async_events_wrapper,
+    }
+    return table, mod.PATCHES
+
+
+def _patch_sdk(sdk: str) -> None:
+    with _lock:
+        if _guard is None:
+            return
+        if any(getattr(owner, "__module__", "").split(".")[0] == sdk for owner, _, _ in _patched):
+            return
+        try:
+            table, patches = _wrappers(sdk)
+            for module_name, dotted, kind in patches:
+                module = importlib.import_module(module_name)
+                owner, attr = _resolve_owner(module, dotted)
+                original = owner.__dict__[attr]
+                wrapt.wrap_function_wrapper(owner, attr, table[kind])
+                _patched.append((owner, attr, original))
+            if sdk == "anthropic":
+                _silence_anthropic_spans()
+        except (AttributeError, KeyError, ImportError) as exc:
+            log.warning(
+                "tokenbudget could not wrap this version of the %s SDK (%s); its calls are NOT guarded", sdk, exc
+            )
+
+
+def _silence_anthropic_spans() -> None:
+    """One call, one span: while tokenbudget is installed it emits the call's span and the SDK's own is off.
+
+    The SDK asks ``BaseClient._tracer`` for a tracer on every call and makes no span when it is ``None``.
+    """
+    module = importlib.import_module("anthropic._base_client")
+    owner = module.BaseClient
+    if "_tracer" not in owner.__dict__:
+        return
+    original = owner.__dict__["_tracer"]
+    owner._tracer = property(lambda self: None)
+    _patched.append((owner, "_tracer", original))
+
+
+def _on_import(module: Any) -> None:
+    _patch_sdk(module.__name__)
+
+
+def install(
+    config: str | os.PathLike[str] | Mapping[str, Any] | Settings | None = None,
+    *,
+    ledger: Ledger | None = None,
+    clock: Clock | None = None,
+    tracer_provider: Any = None,
+    meter_provider: Any = None,
+    **settings: Any,
+) -> Guard:
+    global _guard
+    with _lock:
+        fresh_args = config is not None or settings or ledger is not None or clock is not None
+        if _guard is not None and not fresh_args and tracer_provider is None and meter_provider is None:
+            return _guard
+        resolved = load_settings(config, **settings)
+        new = Guard(resolved, ledger=ledger, clock=clock, tracer_provider=tracer_provider, meter_provider=meter_provider)
+        old, _guard = _guard, new
+        if old is not None and old.ledger is not new.ledger:
+            old.close()
+        for sdk in _SDKS:
+            if sdk in _hooked:
+                if sdk in sys.modules:
+                    _patch_sdk(sdk)
+                continue
+            _hooked.add(sdk)
+            wrapt.register_post_import_hook(_on_import, sdk)  # runs now if the SDK is already imported
+        return new
+
+
+def uninstall() -> None:
+    """Remove every patch, putting back the identical original objects, and close the guard's ledger."""
+    global _guard
+    with _lock:
+        while _patched:
+            owner, attr, original = _patched.pop()
+            setattr(owner, attr, original)
+        old, _guard = _guard, None
+        if old is not None:
+            old.close()

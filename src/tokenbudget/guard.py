@@ -1,0 +1,467 @@
+"""Before and after one call: estimate, price, reserve against every matching budget, then settle exactly once.
+
+The negotiation (which budgets, what to do when one says no) is written once as a generator that *asks* for
+ledger operations; :meth:`Guard.begin` answers them synchronously and :meth:`Guard.abegin` with ``await``, so sync
+and async calls follow the same rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from .calls import CallRequest, Usage
+from .clock import Clock, SystemClock
+from .config import BudgetRule, DowngradeTarget, Settings
+from .errors import BudgetExceeded, LedgerError, LedgerUnavailable
+from .events import CallEvent
+from .ledger import open_ledger
+from .ledger.base import Allowance, Balance, Ledger, Refusal, Reservation
+from .money import micros_to_usd
+from .policy import Policy, RuleMatch
+from .principal import Principal, current_principal, default_principal
+from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from .estimate import Estimator
+    from .pricing import ModelPrice, PriceBook
+
+__all__ = ["Guard", "Ticket"]
+
+log = logging.getLogger("tokenbudget")
+
+EventListener = Callable[[CallEvent], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reserve:
+    allowances: tuple[Allowance, ...]
+    micros: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Balances:
+    allowances: tuple[Allowance, ...]
+
+
+@dataclass(slots=True)
+class _Plan:
+    request: CallRequest
+    price: ModelPrice
+    input_tokens: int
+    max_output: int
+    micros: int
+    tokens: int
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One guarded call in flight: its reservation, span and what the guard decided. Settles exactly once."""
+
+    guard: Guard
+    request: CallRequest
+    price: ModelPrice
+    input_tokens: int
+    reserved_micros: int
+    reservation: Reservation | None
+    matches: list[RuleMatch]
+    principal: Principal
+    span: Span
+    started: float
+    decision: str = "allow"
+    original_model: str | None = None
+    original_estimated_micros: int = 0
+    route: DowngradeTarget | None = None
+    function: str | None = None
+    run_id: str | None = None
+    settled: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def estimated_micros(self) -> int:
+        return self.reserved_micros
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self.settled:
+                return False
+            self.settled = True
+            return True
+
+    def ok(self, usage: Usage) -> None:
+        """The vendor answered and reported (or we counted) usage: charge it."""
+        if self._claim():
+            self.guard._settle(self, usage, "ok" if usage.exact else "partial", None)
+
+    def error(self, exc: BaseException) -> None:
+        """The vendor answered with an error status: it bills nothing, so we charge nothing."""
+        if self._claim():
+            self.guard._settle(self, None, "error", exc)
+
+    def abandoned(self, exc: BaseException | None, usage: Usage | None = None) -> None:
+        """The client gave up after sending: the vendor may bill the input, so charge the estimate (or what we saw)."""
+        if self._claim():
+            if usage is None:
+                usage = Usage(input_tokens=self.input_tokens, exact=False)
+            self.guard._settle(self, usage, "abandoned", exc)
+
+    def unsent(self, exc: BaseException) -> None:
+        """The request never left (connection refused, bad arguments): nothing to charge."""
+        if self._claim():
+            self.guard._settle(self, None, "unsent", exc)
+
+
+class Guard:
+    """The active budget guard. :func:`tokenbudget.install` creates one; tests may create their own."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        ledger: Ledger | None = None,
+        clock: Clock | None = None,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        prices: PriceBook | None = None,
+        estimator: Estimator | None = None,
+    ) -> None:
+        from .estimate import Estimator
+        from .pricing import PriceBook
+
+        self.settings = settings or Settings()
+        s = self.settings
+        self.clock: Clock = clock or SystemClock()
+        self.ledger: Ledger = ledger if ledger is not None else open_ledger(s.ledger)
+        self.prices = prices or PriceBook(s.prices, unknown_model=s.unknown_model)
+        self.estimator = estimator or Estimator()
+        self.policy = Policy(s.all_rules(), s.timezone)
+        self.telemetry = Telemetry(tracer_provider, meter_provider, capture_content=s.capture_content)
+        self.default_principal = default_principal(s.org, s.team, s.user, s.tags)
+        self.listeners: list[EventListener] = []
+        self._brownout = any(r.downgrade_at is not None for r in s.all_rules())
+
+    # -- before ------------------------------------------------------------------------------------------------
+    def _plan(self, request: CallRequest) -> _Plan:
+        price = self.prices.price(request.model, _price_provider(request))
+        input_tokens = self.estimator.input_tokens(request)
+        if request.operation == "embeddings":
+            max_output = 0
+        else:
+            max_output = request.max_output_tokens if request.max_output_tokens is not None else price.max_output_tokens
+        may_cache = request.api == "anthropic" and "cache_control" in _cheap_repr(request.body)
+        micros = self.prices.worst_case_micros(price, input_tokens, max_output, may_write_cache=may_cache)
+        return _Plan(request, price, input_tokens, max_output, micros, input_tokens + max_output)
+
+    def _negotiate(
+        self, request: CallRequest
+    ) -> Generator[_Reserve | _Balances, Reservation | Refusal | list[Balance], Ticket]:
+        from .budget import active_function_allowances
+
+        now = self.clock.now()
+        principal = current_principal(self.default_principal)
+        plan = self._plan(request)
+        matches = self.policy.matches(principal, request.model, now)
+        fn_allowances, function, run_id = active_function_allowances()
+        span = self.telemetry.start(request)
+        decision = "allow"
+        original_model: str | None = None
+        original_micros = plan.micros
+        route: DowngradeTarget | None = None
+
+        try:
+            if self._brownout:
+                brown = [m for m in matches if m.rule.downgrade_at is not None]
+                if brown:
+                    balances = yield _Balances(tuple(m.allowance for m in brown))
+                    assert isinstance(balances, list)
+                    for m, bal in zip(brown, balances):
+                        target = self._target(request.model)
+                        if target is not None and _fraction_spent(bal) >= (m.rule.downgrade_at or 0.0):
+                            plan, route = self._downgraded(plan, target), target
+                            original_model, decision = request.model, "downgrade"
+                            matches = self.policy.matches(principal, plan.request.model, now)
+                            break
+
+            for _attempt in range(4):
+                allowances = tuple(m.allowance for m in matches) + fn_allowances
+                result = yield _Reserve(allowances, plan.micros, plan.tokens)
+                if isinstance(result, Reservation):
+                    ticket = Ticket(
+                        self, plan.request, plan.price, plan.input_tokens, plan.micros, result, matches, principal,
+                        span, time.perf_counter(), decision, original_model, original_micros, route, function, run_id,
+                    )
+                    if any(not a.enforce for a in allowances) and decision == "allow":
+                        balances = yield _Balances(tuple(a for a in allowances if not a.enforce))
+                        assert isinstance(balances, list)
+                        if any(b.remaining_micros is not None and b.remaining_micros < 0 for b in balances) or any(
+                            b.remaining_tokens is not None and b.remaining_tokens < 0 for b in balances
+                        ):
+                            ticket.decision = "warn"
+                            log.warning("budget exceeded (warn only): %s %s", plan.request.model, principal.team)
+                    return ticket
+                assert isinstance(result, Refusal)
+                rule = _rule_for(result.allowance, matches)
+                policy = rule.on_exhaust if rule is not None else "raise"
+                if policy == "clamp" and rule is not None and decision != "clamp":
+                    clamped = self._clamped(plan, result, rule)
+                    if clamped is not None:
+                        plan, decision = clamped, "clamp"
+                        continue
+                if policy == "downgrade" and decision != "downgrade":
+                    target = self._target(plan.request.model)
+                    if target is not None:
+                        original_model, decision = plan.request.model, "downgrade"
+                        plan, route = self._downgraded(plan, target), target
+                        matches = self.policy.matches(principal, plan.request.model, now)
+                        continue
+                raise self._exceeded(result, plan)
+            raise self._exceeded(result, plan)
+        except BaseException as exc:
+            self.telemetry.refused(span, exc, decision="deny", estimated_micros=plan.micros)
+            if isinstance(exc, BudgetExceeded):
+                self._record_denied(plan, principal, exc, original_model, function, run_id)
+            raise
+
+    def begin(self, request: CallRequest) -> Ticket:
+        """Reserve for ``request`` or raise :class:`BudgetExceeded`; may rewrite the model or max tokens."""
+        gen = self._negotiate(request)
+        ask = next(gen)
+        while True:
+            answer = self._answer(ask)
+            try:
+                ask = gen.send(answer)
+            except StopIteration as stop:
+                ticket: Ticket = stop.value
+                return ticket
+
+    async def abegin(self, request: CallRequest) -> Ticket:
+        gen = self._negotiate(request)
+        ask = next(gen)
+        while True:
+            answer = await self._aanswer(ask)
+            try:
+                ask = gen.send(answer)
+            except StopIteration as stop:
+                ticket: Ticket = stop.value
+                return ticket
+
+    def _answer(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance]:
+        now = self.clock.now()
+        try:
+            if isinstance(ask, _Reserve):
+                return self.ledger.reserve(
+                    ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
+                )
+            return [self.ledger.balance(a, now=now) for a in ask.allowances]
+        except LedgerError as exc:
+            raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) could not be reached: {exc}") from exc
+
+    async def _aanswer(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance]:
+        now = self.clock.now()
+        try:
+            if isinstance(ask, _Reserve):
+                return await self.ledger.areserve(
+                    ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
+                )
+            return [self.ledger.balance(a, now=now) for a in ask.allowances]
+        except LedgerError as exc:
+            raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) could not be reached: {exc}") from exc
+
+    # -- policies ----------------------------------------------------------------------------------------------
+    def _target(self, model: str) -> DowngradeTarget | None:
+        table = self.settings.downgrade
+        target = table.get(model) or table.get("*")
+        if target is None or target.model == model:
+            return None
+        return target
+
+    def _downgraded(self, plan: _Plan, target: DowngradeTarget) -> _Plan:
+        req = plan.request
+        api = target.api or req.api
+        new = replace(req, model=target.model, body={**req.body, "model": target.model}, api=api)
+        if target.base_url:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(target.base_url)
+            new.server_address, new.server_port = parts.hostname, parts.port
+        return self._plan(new)
+
+    def _clamped(self, plan: _Plan, refusal: Refusal, rule: BudgetRule) -> _Plan | None:
+        bal = refusal.balance
+        room_micros = bal.remaining_micros
+        room_tokens = bal.remaining_tokens
+        price = plan.price
+        max_out = plan.max_output
+        if room_micros is not None:
+            input_cost = self.prices.worst_case_micros(price, plan.input_tokens, 0)
+            per_token = max(price.output, 1)
+            affordable = ((room_micros - input_cost) * 1_000_000) // per_token
+            max_out = min(max_out, int(affordable))
+        if room_tokens is not None:
+            max_out = min(max_out, room_tokens - plan.input_tokens)
+        if max_out < rule.min_output_tokens or max_out >= plan.max_output:
+            return None
+        req = plan.request
+        new = replace(req, max_output_tokens=max_out)
+        micros = self.prices.worst_case_micros(price, plan.input_tokens, max_out)
+        return _Plan(new, price, plan.input_tokens, max_out, micros, plan.input_tokens + max_out)
+
+    def _exceeded(self, refusal: Refusal, plan: _Plan) -> BudgetExceeded:
+        b = refusal.balance
+        return BudgetExceeded(
+            refusal.allowance.scope,
+            limit=None if b.limit_micros is None else micros_to_usd(b.limit_micros),
+            spent=micros_to_usd(b.spent_micros),
+            reserved=micros_to_usd(b.reserved_micros),
+            requested=micros_to_usd(refusal.requested_micros),
+            limit_tokens=b.limit_tokens,
+            spent_tokens=b.spent_tokens,
+            requested_tokens=refusal.requested_tokens,
+            model=plan.request.model,
+        )
+
+    # -- after -------------------------------------------------------------------------------------------------
+    def _settle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
+        cost = 0 if usage is None else self.prices.cost_micros(ticket.price, usage)
+        tokens = 0 if usage is None else usage.total_tokens
+        now = self.clock.now()
+        duration = time.perf_counter() - ticket.started
+        p = ticket.principal
+        event = CallEvent(
+            id=ticket.reservation.id if ticket.reservation else uuid.uuid4().hex,
+            time=now,
+            provider=ticket.request.provider,
+            model=ticket.request.model,
+            operation=ticket.request.operation,
+            status=status,
+            decision=ticket.decision,
+            original_model=ticket.original_model,
+            org=p.org,
+            team=p.team,
+            user=p.user,
+            tags=dict(p.tags),
+            function=ticket.function,
+            run_id=ticket.run_id,
+            cost_micros=cost,
+            estimated_micros=ticket.reserved_micros,
+            original_estimated_micros=ticket.original_estimated_micros,
+            budget_keys=ticket.reservation.keys if ticket.reservation else (),
+            duration_s=duration,
+        )
+        if usage is not None:
+            event.input_tokens = usage.input_tokens
+            event.output_tokens = usage.output_tokens
+            event.cache_read_tokens = usage.cache_read_tokens
+            event.cache_write_tokens = usage.cache_write_tokens
+            event.cache_write_1h_tokens = usage.cache_write_1h_tokens
+            event.reasoning_tokens = usage.reasoning_tokens
+        record = event if self.settings.record_events else None
+        remaining: int | None = None
+        try:
+            if ticket.reservation is not None:
+                self.ledger.settle(ticket.reservation, cost, tokens, record, now=now)
+                remaining = self._remaining(ticket, now)
+            elif record is not None:
+                self.ledger.record(record)
+        except Exception:
+            log.exception("tokenbudget could not settle a call in the ledger %s", self.ledger.url)
+        try:
+            self.telemetry.finish(
+                ticket.span, ticket.request, usage=usage, cost_micros=cost, estimated_micros=ticket.reserved_micros,
+                decision=ticket.decision, status=status, remaining_micros=remaining,
+                original_model=ticket.original_model, principal_attrs=_principal_attrs(p, ticket.function),
+                duration_s=duration, error=exc,
+            )
+        except Exception:
+            log.exception("tokenbudget could not finish a span")
+        self._notify(event)
+
+    def _remaining(self, ticket: Ticket, now: float) -> int | None:
+        """The tightest remaining dollars among the call's budgets, for the span (cheap for the memory ledger)."""
+        best: int | None = None
+        for m in ticket.matches:
+            if m.allowance.limit_micros is None:
+                continue
+            rem = self.ledger.balance(m.allowance, now=now).remaining_micros
+            if rem is not None and (best is None or rem < best):
+                best = rem
+        return best
+
+    def _record_denied(
+        self, plan: _Plan, principal: Principal, exc: BudgetExceeded, original: str | None, fn: str | None,
+        run_id: str | None,
+    ) -> None:
+        event = CallEvent(
+            id=uuid.uuid4().hex, time=self.clock.now(), provider=plan.request.provider, model=plan.request.model,
+            operation=plan.request.operation, status="denied", decision="deny", original_model=original,
+            org=principal.org, team=principal.team, user=principal.user, tags=dict(principal.tags), function=fn,
+            run_id=run_id, estimated_micros=plan.micros, budget_keys=(exc.scope,),
+        )
+        if self.settings.record_events:
+            try:
+                self.ledger.record(event)
+            except Exception:
+                log.exception("tokenbudget could not record a denied call")
+        self._notify(event)
+
+    def _notify(self, event: CallEvent) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("a tokenbudget event listener failed; the call is unaffected")
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def _rule_for(allowance: Allowance, matches: Sequence[RuleMatch]) -> BudgetRule | None:
+    for m in matches:
+        if m.allowance.key == allowance.key:
+            return m.rule
+    from .budget import rule_for_function_allowance
+
+    return rule_for_function_allowance(allowance)
+
+
+def _fraction_spent(b: Balance) -> float:
+    fractions = []
+    if b.limit_micros:
+        fractions.append((b.spent_micros + b.reserved_micros) / b.limit_micros)
+    elif b.limit_micros == 0:
+        fractions.append(1.0)
+    if b.limit_tokens:
+        fractions.append((b.spent_tokens + b.reserved_tokens) / b.limit_tokens)
+    return max(fractions, default=0.0)
+
+
+def _price_provider(request: CallRequest) -> str | None:
+    if request.provider in ("openai", "azure.ai.openai"):
+        return "openai"
+    if request.provider == "anthropic":
+        return "anthropic"
+    return None
+
+
+def _cheap_repr(body: dict[str, Any]) -> str:
+    """Only used to spot ``cache_control`` markers; a repr is cheap next to the network call."""
+    return repr(body.get("system", "")) + repr(body.get("messages", "")) + repr(body.get("tools", ""))
+
+
+def _principal_attrs(p: Principal, function: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if p.team:
+        out["tokenbudget.team"] = p.team
+    if p.user:
+        out["tokenbudget.user"] = p.user
+    if function:
+        out["tokenbudget.function"] = function
+    return out

@@ -1,0 +1,154 @@
+"""Anthropic SDK <-> guard translation: ``messages.create`` (incl. stream), ``messages.stream``, beta messages.
+
+Anthropic reports ``input_tokens`` *without* cache reads and writes; the OTel convention (and our
+:class:`~tokenbudget.calls.Usage`) counts them in, so they are added here. Stream deltas carry cumulative
+usage: each ``message_delta`` overwrites, never adds.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from ..calls import CallRequest, Usage
+from ..streams import StreamMeter
+
+if TYPE_CHECKING:
+    from ..guard import Ticket
+
+__all__ = ["PATCHES", "AnthropicAdapter"]
+
+
+def _get(obj: Any, name: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _apply_usage(usage: Usage, u: Any) -> None:
+    """Overwrite ``usage`` with the fields present in an Anthropic usage object (cumulative semantics)."""
+    uncached = _get(u, "input_tokens")
+    read = _get(u, "cache_read_input_tokens")
+    created = _get(u, "cache_creation_input_tokens")
+    breakdown = _get(u, "cache_creation")
+    if read is not None:
+        usage.cache_read_tokens = _int(read)
+    if breakdown is not None:
+        usage.cache_write_tokens = _int(_get(breakdown, "ephemeral_5m_input_tokens"))
+        usage.cache_write_1h_tokens = _int(_get(breakdown, "ephemeral_1h_input_tokens"))
+    elif created is not None:
+        usage.cache_write_tokens, usage.cache_write_1h_tokens = _int(created), 0
+    if uncached is not None:
+        usage.input_tokens = (
+            _int(uncached) + usage.cache_read_tokens + usage.cache_write_tokens + usage.cache_write_1h_tokens
+        )
+    out = _get(u, "output_tokens")
+    if out is not None:
+        usage.output_tokens = _int(out)
+
+
+def usage_from(obj: Any) -> Usage | None:
+    u = _get(obj, "usage")
+    if u is None:
+        return None
+    usage = Usage()
+    _apply_usage(usage, u)
+    model, rid, stop = _get(obj, "model"), _get(obj, "id"), _get(obj, "stop_reason")
+    usage.response_model = model if isinstance(model, str) else None
+    usage.response_id = rid if isinstance(rid, str) else None
+    usage.finish_reasons = [stop] if isinstance(stop, str) else []
+    return usage
+
+
+class MessagesStreamMeter(StreamMeter):
+    def __init__(self, ticket: Ticket, *, hide_usage_chunk: bool = False) -> None:
+        super().__init__(ticket)
+        self.usage = Usage(exact=False)
+        self.started = False
+        self.ended = False
+
+    def observe(self, data: str, event: str | None) -> bool:
+        if event == "content_block_delta":
+            self.chunks.append(data)
+        elif event == "message_start":
+            message = json.loads(data).get("message") or {}
+            _apply_usage(self.usage, message.get("usage") or {})
+            self.usage.response_model = message.get("model")
+            self.usage.response_id = message.get("id")
+            self.started = True
+        elif event == "message_delta":
+            payload = json.loads(data)
+            _apply_usage(self.usage, payload.get("usage") or {})
+            stop = (payload.get("delta") or {}).get("stop_reason")
+            if stop:
+                self.usage.finish_reasons = [stop]
+        elif event == "message_stop":
+            self.ended = True
+        return True
+
+    def _usage(self) -> Usage:
+        usage = self.usage
+        if self.ended:
+            usage.exact = True
+            return usage
+        if not self.started:
+            usage.input_tokens = self.ticket.input_tokens
+        text = []
+        for raw in self.chunks:
+            try:
+                delta = json.loads(raw).get("delta") or {}
+            except ValueError:
+                continue
+            text.append(delta.get("text") or delta.get("partial_json") or delta.get("thinking") or "")
+        usage.output_tokens = max(usage.output_tokens, self.count_text("".join(text)))
+        return usage
+
+
+class AnthropicAdapter:
+    provider = "anthropic"
+
+    def describe(self, client: Any, options: Any, stream: bool) -> CallRequest | None:
+        if getattr(options, "method", "post").lower() != "post" or options.url != "/v1/messages":
+            return None
+        body = options.json_data
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return None
+        max_out = body.get("max_tokens")
+        base = client.base_url
+        return CallRequest(
+            provider="anthropic", operation="chat", model=body["model"], body=body,
+            stream=stream or bool(body.get("stream")), max_output_tokens=max_out if isinstance(max_out, int) else None,
+            server_address=base.host, server_port=base.port, api="anthropic",
+        )
+
+    def rewrite(self, options: Any, ticket: Ticket) -> bool:
+        req = ticket.request
+        body: dict[str, Any] = options.json_data
+        changes: dict[str, Any] = {}
+        if body.get("model") != req.model:
+            changes["model"] = req.model
+        if ticket.decision == "clamp" and req.max_output_tokens is not None:
+            changes["max_tokens"] = req.max_output_tokens
+        if changes:
+            options.json_data = {**body, **changes}
+        return False
+
+    def usage(self, response: Any) -> Usage | None:
+        return usage_from(response)
+
+    def stream_meter(self, ticket: Ticket, hide_usage_chunk: bool) -> StreamMeter:
+        return MessagesStreamMeter(ticket)
+
+
+PATCHES = (
+    ("anthropic._base_client", "SyncAPIClient.request", "sync"),
+    ("anthropic._base_client", "AsyncAPIClient.request", "async"),
+    ("anthropic._streaming", "Stream._iter_events", "events"),
+    ("anthropic._streaming", "AsyncStream._iter_events", "aevents"),
+)

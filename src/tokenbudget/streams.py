@@ -1,0 +1,149 @@
+"""Meters that watch a response's server-sent events and settle its ticket exactly once when the stream ends.
+
+A meter is attached to the SDK's HTTP response object, because every path that reads a body -- ``create``,
+``stream=True``, ``messages.stream()``, ``with_raw_response``, ``with_streaming_response`` -- reads it from
+that one object. It settles on the first of: the events running out, the response being closed, or the response
+being garbage collected. The per-event work is a substring test; JSON is parsed only for the events that carry
+usage, and the received text is counted only when a stream is cut short.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .calls import Usage
+
+if TYPE_CHECKING:
+    from .guard import Ticket
+
+__all__ = ["BodyMeter", "StreamMeter", "attach", "meter_of"]
+
+_ATTR = "_tokenbudget_meter"
+
+
+class StreamMeter:
+    """Base class for one protocol's SSE stream; subclasses implement :meth:`observe` and :meth:`_usage`."""
+
+    def __init__(self, ticket: Ticket, *, hide_usage_chunk: bool = False) -> None:
+        self.ticket = ticket
+        self.hide_usage_chunk = hide_usage_chunk
+        self.chunks: list[str] = []
+        self.error: BaseException | None = None
+        self._done = False
+        self._lock = threading.Lock()
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    def observe(self, data: str, event: str | None) -> bool:  # pragma: no cover - abstract
+        """Look at one event; return False to hide it from the caller."""
+        raise NotImplementedError
+
+    def _usage(self) -> Usage:  # pragma: no cover - abstract
+        """Usage as the vendor reported it, or counted from what arrived when the stream was cut short."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Settle the ticket (idempotent): vendor usage if the stream got that far, else input + text received."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        try:
+            usage = self._usage()
+        except Exception as exc:  # a malformed stream must still settle
+            usage = Usage(input_tokens=self.ticket.input_tokens, exact=False)
+            self.error = self.error or exc
+        if usage.exact:
+            self.ticket.ok(usage)
+        else:
+            self.ticket.abandoned(self.error, usage)
+
+    def tee(self, events: Iterator[Any]) -> Iterator[Any]:
+        try:
+            for sse in events:
+                if self.observe(sse.data, sse.event):
+                    yield sse
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.finish()
+
+    async def atee(self, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for sse in events:
+                if self.observe(sse.data, sse.event):
+                    yield sse
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.finish()
+
+    def count_text(self, text: str) -> int:
+        return self.ticket.guard.estimator.text_tokens(self.ticket.request.model, text) if text else 0
+
+
+class BodyMeter(StreamMeter):
+    """A non-SSE body the caller reads later (``with_streaming_response``): parse it when the response closes."""
+
+    def __init__(self, ticket: Ticket, response: Any, parse: Callable[[Any], Usage | None]) -> None:
+        super().__init__(ticket)
+        self._response = weakref.ref(response)
+        self._parse = parse
+
+    def observe(self, data: str, event: str | None) -> bool:
+        return True
+
+    def _usage(self) -> Usage:
+        response = self._response()
+        content = getattr(response, "_content", None) if response is not None else None
+        if content:
+            usage = self._parse(json.loads(content))
+            if usage is not None:
+                return usage
+        return Usage(input_tokens=self.ticket.input_tokens, exact=False)
+
+
+def meter_of(response: Any) -> StreamMeter | None:
+    try:
+        return response.__dict__.get(_ATTR)  # type: ignore[no-any-return]
+    except AttributeError:
+        return None
+
+
+def attach(response: Any, meter: StreamMeter, *, is_async: bool) -> None:
+    """Hang ``meter`` on the HTTP response and settle it when the response is closed or collected.
+
+    ``close``/``aclose`` are shadowed on this one instance only; no library class is patched for it.
+    """
+    try:
+        response.__dict__[_ATTR] = meter
+    except AttributeError:  # pragma: no cover - a response type without __dict__: settle at collection only
+        pass
+    if is_async:
+        original_aclose = response.aclose
+
+        async def aclose() -> None:
+            try:
+                await original_aclose()
+            finally:
+                meter.finish()
+
+        response.aclose = aclose
+    else:
+        original_close = response.close
+
+        def close() -> None:
+            try:
+                original_close()
+            finally:
+                meter.finish()
+
+        response.close = close
+    meter._finalizer = weakref.finalize(response, meter.finish)

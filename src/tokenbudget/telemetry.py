@@ -1,0 +1,175 @@
+"""One OpenTelemetry span per call and the GenAI client metrics, named by the semantic-convention constants.
+
+Only reads what the guard decided. With no OTel SDK configured the API hands out non-recording spans and no-op
+instruments, so nothing breaks and nothing is printed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as ga
+from opentelemetry.semconv._incubating.metrics import gen_ai_metrics as gm
+from opentelemetry.semconv.attributes import error_attributes, server_attributes
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from .calls import CallRequest, Usage
+from .money import micros_to_usd
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
+__all__ = ["ATTR_COST", "ATTR_DECISION", "ATTR_ESTIMATED_COST", "ATTR_REMAINING", "Telemetry"]
+
+ATTR_COST = "tokenbudget.cost_usd"
+ATTR_ESTIMATED_COST = "tokenbudget.estimated_cost_usd"
+ATTR_DECISION = "tokenbudget.decision"
+ATTR_REMAINING = "tokenbudget.budget.remaining_usd"
+ATTR_ORIGINAL_MODEL = "tokenbudget.original_model"
+ATTR_BUDGET = "tokenbudget.budget.scope"
+ATTR_STATUS = "tokenbudget.status"
+ATTR_TEAM = "tokenbudget.team"
+ATTR_USER = "tokenbudget.user"
+ATTR_FUNCTION = "tokenbudget.function"
+COST_METRIC = "tokenbudget.cost"
+
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+
+_VERSION = "0.1.0"
+
+
+class Telemetry:
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        *,
+        capture_content: bool = False,
+    ) -> None:
+        self.capture_content = capture_content
+        self._tracer = trace.get_tracer("tokenbudget", _VERSION, tracer_provider=tracer_provider)
+        meter = metrics.get_meter("tokenbudget", _VERSION, meter_provider=meter_provider)
+        self._tokens = meter.create_histogram(
+            gm.GEN_AI_CLIENT_TOKEN_USAGE, unit="{token}", description="Tokens used per call, by gen_ai.token.type",
+            explicit_bucket_boundaries_advisory=list(_TOKEN_BUCKETS),
+        )
+        self._duration = meter.create_histogram(
+            gm.GEN_AI_CLIENT_OPERATION_DURATION, unit="s", description="Duration of GenAI client operations",
+            explicit_bucket_boundaries_advisory=list(_DURATION_BUCKETS),
+        )
+        self._cost = meter.create_counter(COST_METRIC, unit="USD", description="Money charged to budgets")
+
+    def start(self, request: CallRequest) -> Span:
+        attrs: dict[str, Any] = {
+            ga.GEN_AI_OPERATION_NAME: request.operation,
+            ga.GEN_AI_PROVIDER_NAME: request.provider,
+            ga.GEN_AI_REQUEST_MODEL: request.model,
+            ga.GEN_AI_REQUEST_STREAM: request.stream,
+        }
+        if request.max_output_tokens is not None:
+            attrs[ga.GEN_AI_REQUEST_MAX_TOKENS] = request.max_output_tokens
+        if request.server_address:
+            attrs[server_attributes.SERVER_ADDRESS] = request.server_address
+            if request.server_port:
+                attrs[server_attributes.SERVER_PORT] = request.server_port
+        return self._tracer.start_span(f"{request.operation} {request.model}", kind=SpanKind.CLIENT, attributes=attrs)
+
+    def finish(
+        self,
+        span: Span,
+        request: CallRequest,
+        *,
+        usage: Usage | None,
+        cost_micros: int,
+        estimated_micros: int,
+        decision: str,
+        status: str,
+        remaining_micros: int | None,
+        original_model: str | None,
+        principal_attrs: Mapping[str, str],
+        duration_s: float,
+        error: BaseException | None = None,
+        budget_scope: str | None = None,
+    ) -> None:
+        metric_attrs: dict[str, Any] = {
+            ga.GEN_AI_OPERATION_NAME: request.operation,
+            ga.GEN_AI_PROVIDER_NAME: request.provider,
+            ga.GEN_AI_REQUEST_MODEL: request.model,
+        }
+        if usage is not None and usage.response_model:
+            metric_attrs[ga.GEN_AI_RESPONSE_MODEL] = usage.response_model
+        if request.server_address:
+            metric_attrs[server_attributes.SERVER_ADDRESS] = request.server_address
+        if error is not None:
+            metric_attrs[error_attributes.ERROR_TYPE] = _error_type(error)
+        self._duration.record(duration_s, metric_attrs)
+        if usage is not None:
+            self._tokens.record(usage.input_tokens, {**metric_attrs, ga.GEN_AI_TOKEN_TYPE: "input"})
+            if request.operation != "embeddings":
+                self._tokens.record(usage.output_tokens, {**metric_attrs, ga.GEN_AI_TOKEN_TYPE: "output"})
+        if cost_micros:
+            self._cost.add(micros_to_usd(cost_micros), {**metric_attrs, **principal_attrs})
+
+        if not span.is_recording():
+            span.end()
+            return
+        attrs: dict[str, Any] = {
+            ATTR_COST: micros_to_usd(cost_micros),
+            ATTR_ESTIMATED_COST: micros_to_usd(estimated_micros),
+            ATTR_DECISION: decision,
+            ATTR_STATUS: status,
+            **principal_attrs,
+        }
+        if remaining_micros is not None:
+            attrs[ATTR_REMAINING] = micros_to_usd(remaining_micros)
+        if original_model:
+            attrs[ATTR_ORIGINAL_MODEL] = original_model
+        if budget_scope:
+            attrs[ATTR_BUDGET] = budget_scope
+        if usage is not None:
+            attrs[ga.GEN_AI_USAGE_INPUT_TOKENS] = usage.input_tokens
+            attrs[ga.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
+            attrs[ga.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = usage.cache_read_tokens
+            attrs[ga.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] = usage.cache_write_tokens + usage.cache_write_1h_tokens
+            if usage.reasoning_tokens:
+                attrs[ga.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = usage.reasoning_tokens
+            if usage.response_model:
+                attrs[ga.GEN_AI_RESPONSE_MODEL] = usage.response_model
+            if usage.response_id:
+                attrs[ga.GEN_AI_RESPONSE_ID] = usage.response_id
+            if usage.finish_reasons:
+                attrs[ga.GEN_AI_RESPONSE_FINISH_REASONS] = list(usage.finish_reasons)
+        if error is not None:
+            attrs[error_attributes.ERROR_TYPE] = _error_type(error)
+            span.set_status(Status(StatusCode.ERROR, _safe_message(error)))
+        span.set_attributes(attrs)
+        span.end()
+
+    def refused(self, span: Span, error: BaseException, *, decision: str, estimated_micros: int) -> None:
+        """A call stopped before sending: the span says why, and nothing was charged."""
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    error_attributes.ERROR_TYPE: _error_type(error),
+                    ATTR_DECISION: decision,
+                    ATTR_STATUS: "denied",
+                    ATTR_COST: 0.0,
+                    ATTR_ESTIMATED_COST: micros_to_usd(estimated_micros),
+                }
+            )
+            span.set_status(Status(StatusCode.ERROR, _safe_message(error)))
+        span.end()
+
+
+def _error_type(error: BaseException) -> str:
+    return type(error).__qualname__
+
+
+def _safe_message(error: BaseException) -> str:
+    """Vendor error bodies can echo the request; keep the status line only, never headers or prompt text."""
+    text = str(error)
+    return text if len(text) <= 200 else text[:200] + "..."
