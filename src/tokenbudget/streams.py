@@ -96,6 +96,12 @@ class BodyMeter(StreamMeter):
         super().__init__(ticket)
         self._response = weakref.ref(response)
         self._parse = parse
+        self.reading = False
+
+    def finish(self) -> None:
+        # httpx closes the response inside read(), before the body is stored: settle when read() returns.
+        if not self.reading:
+            super().finish()
 
     def observe(self, data: str, event: str | None) -> bool:
         return True
@@ -126,6 +132,8 @@ def attach(response: Any, meter: StreamMeter, *, is_async: bool) -> None:
         response.__dict__[_ATTR] = meter
     except AttributeError:  # pragma: no cover - a response type without __dict__: settle at collection only
         pass
+    if isinstance(meter, BodyMeter):
+        _settle_after_read(response, meter, is_async=is_async)
     if is_async:
         original_aclose = response.aclose
 
@@ -147,3 +155,30 @@ def attach(response: Any, meter: StreamMeter, *, is_async: bool) -> None:
 
         response.close = close
     meter._finalizer = weakref.finalize(response, meter.finish)
+
+
+def _settle_after_read(response: Any, meter: BodyMeter, *, is_async: bool) -> None:
+    if is_async:
+        original_aread = response.aread
+
+        async def aread() -> bytes:
+            meter.reading = True
+            try:
+                return await original_aread()  # type: ignore[no-any-return]
+            finally:
+                meter.reading = False
+                meter.finish()
+
+        response.aread = aread
+    else:
+        original_read = response.read
+
+        def read() -> bytes:
+            meter.reading = True
+            try:
+                return original_read()  # type: ignore[no-any-return]
+            finally:
+                meter.reading = False
+                meter.finish()
+
+        response.read = read
