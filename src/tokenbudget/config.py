@@ -167,11 +167,10 @@ class Settings(_Model):
         return (shorthand, *self.budgets)
 
 
+# TOKENBUDGET_ORG / _TEAM / _USER are read by principal.default_principal *after* config: who is calling is a
+# property of the code's deployment first, the shell second.
 _ENV_KEYS: dict[str, str] = {
     "TOKENBUDGET_LEDGER": "ledger",
-    "TOKENBUDGET_ORG": "org",
-    "TOKENBUDGET_TEAM": "team",
-    "TOKENBUDGET_USER": "user",
     "TOKENBUDGET_BUDGET_USD": "budget_usd",
     "TOKENBUDGET_ON_EXHAUST": "on_exhaust",
     "TOKENBUDGET_UNKNOWN_MODEL": "unknown_model",

@@ -118,6 +118,8 @@ class Telemetry:
             span.end()
             return
         attrs: dict[str, Any] = {
+            # The guard may have changed these since the span started (downgrade, clamp).
+            ga.GEN_AI_REQUEST_MODEL: request.model,
             ATTR_COST: micros_to_usd(cost_micros),
             ATTR_ESTIMATED_COST: micros_to_usd(estimated_micros),
             ATTR_DECISION: decision,
@@ -128,6 +130,9 @@ class Telemetry:
             attrs[ATTR_REMAINING] = micros_to_usd(remaining_micros)
         if original_model:
             attrs[ATTR_ORIGINAL_MODEL] = original_model
+            span.update_name(f"{request.operation} {request.model}")
+        if request.max_output_tokens is not None:
+            attrs[ga.GEN_AI_REQUEST_MAX_TOKENS] = request.max_output_tokens
         if budget_scope:
             attrs[ATTR_BUDGET] = budget_scope
         if usage is not None:
