@@ -112,13 +112,23 @@ def _on_import(module: Any) -> None:
 def install(
     config: str | os.PathLike[str] | Mapping[str, Any] | Settings | None = None,
     *,
-    ledger: Ledger | None = None,
+    ledger: Ledger | str | None = None,
     clock: Clock | None = None,
     tracer_provider: Any = None,
     meter_provider: Any = None,
     **settings: Any,
 ) -> Guard:
+    """Guard every OpenAI / Anthropic SDK call in this process; returns the active :class:`Guard`.
+
+    ``config`` is a path to a TOML file, a dict with the same keys, or :class:`Settings`; keyword settings override
+    it. ``ledger`` is a URL (``"sqlite:///budgets.db"``) or a ready :class:`Ledger`; ``clock``, ``tracer_provider``
+    and ``meter_provider`` are for tests and for apps that do not use the global OpenTelemetry providers. Calling it
+    again with no arguments returns the active guard; with new ones it replaces the guard (patches stay in place).
+    """
     global _guard
+    if isinstance(ledger, str):
+        settings["ledger"] = ledger
+        ledger = None
     with _lock:
         fresh_args = config is not None or settings or ledger is not None or clock is not None
         if _guard is not None and not fresh_args and tracer_provider is None and meter_provider is None:

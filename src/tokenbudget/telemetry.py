@@ -76,6 +76,8 @@ class Telemetry:
             attrs[server_attributes.SERVER_ADDRESS] = request.server_address
             if request.server_port:
                 attrs[server_attributes.SERVER_PORT] = request.server_port
+        if self.capture_content:
+            attrs.update(_content_attributes(request))
         return self._tracer.start_span(f"{request.operation} {request.model}", kind=SpanKind.CLIENT, attributes=attrs)
 
     def finish(
@@ -178,3 +180,21 @@ def _safe_message(error: BaseException) -> str:
     """Vendor error bodies can echo the request; keep the status line only, never headers or prompt text."""
     text = str(error)
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _content_attributes(request: CallRequest) -> dict[str, str]:
+    """Prompt content, only when the user opted in with ``capture_content=True`` (it may hold secrets or PII)."""
+    import json
+
+    body = request.body
+    out: dict[str, str] = {}
+    for field, attr in (("messages", "gen_ai.input.messages"), ("input", "gen_ai.input.messages"),
+                        ("prompt", "gen_ai.input.messages"), ("system", "gen_ai.system_instructions"),
+                        ("instructions", "gen_ai.system_instructions")):
+        value = body.get(field)
+        if value is not None and attr not in out:
+            try:
+                out[attr] = json.dumps(value, default=str, ensure_ascii=False)[:100_000]
+            except (TypeError, ValueError):
+                out[attr] = str(value)[:100_000]
+    return out
