@@ -159,6 +159,13 @@ class Ledger(abc.ABC):
     def active_reservations(self, *, now: float) -> list[Reservation]:
         """Holds whose lease has not expired (for reports and leak checks)."""
 
+    def accounts(self) -> list[Balance]:
+        """Every account the ledger holds: key, scope, spend and holds, without limits (those live in the config).
+
+        For ``tokenbudget budgets``, which has no caller whose budgets to look up and must list them all.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list its accounts")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
 

@@ -146,6 +146,13 @@ class MemoryLedger(Ledger):
                 return list(self._grants)
             return [g for g in self._grants if g.created_at <= now and (g.expires_at is None or g.expires_at > now)]
 
+    def accounts(self) -> list[Balance]:
+        with self._lock:
+            return [
+                Balance(key, a.scope, None, None, a.spent_micros, a.reserved_micros, a.spent_tokens, a.reserved_tokens)
+                for key, a in self._accounts.items()
+            ]
+
     def active_reservations(self, *, now: float) -> list[Reservation]:
         with self._lock:
             self._expire(now)
