@@ -18,8 +18,8 @@ def clean_environment() -> None:
             del os.environ[key]
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-not-a-real-key")
     os.environ.setdefault("ANTHROPIC_API_KEY", "sk-ant-bench-not-a-real-key")
-    # Content capture off everywhere, as in tokenbudget's default: every contender records metadata only.
-    os.environ.setdefault("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "false")
+    # Content capture stays at every contender's default: off (metadata only), as in tokenbudget.
+    os.environ.pop("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", None)
 
 
 class Otel:

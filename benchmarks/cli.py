@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import peers
 
         result = peers.worker(args.peer_worker, **sizes)
-        Path(args.json).write_text(json.dumps(result, indent=1, default=_json_default))
+        Path(args.json).write_text(json.dumps(_clean(result), indent=1, default=str, allow_nan=False))
         return 0
     if args.setup_peers:
         from . import peers
@@ -91,14 +91,19 @@ def main(argv: list[str] | None = None) -> int:
           f"openai {results['meta']['versions'].get('openai')}, anthropic {results['meta']['versions'].get('anthropic')}"
           f"; load average at start {m['loadavg_at_start']}; {results['meta']['seconds']} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=_json_default))
+        Path(args.json).write_text(json.dumps(_clean(results), indent=1, default=str, allow_nan=False))
     return 0
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN or infinity: a value that could not be measured is null."""
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
         return None
-    return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,6 +152,7 @@ def _calls(quick: bool, sizes: dict[str, int], otel: Any) -> dict[str, Any]:
                                      rounds=sizes["rounds"], batch=sizes["batch"], warmup=sizes["warmup"],
                                      after_disable=after, progress=_log)
         finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             if redis is not None:
                 redis.stop()
@@ -176,7 +182,9 @@ def _calls(quick: bool, sizes: dict[str, int], otel: Any) -> dict[str, Any]:
 def _peers(quick: bool, sizes: dict[str, int], otel: Any) -> dict[str, Any]:
     from . import peers
 
-    entries = peers.run_all(rounds=sizes["rounds"], batch=sizes["batch"], warmup=sizes["warmup"], log=_log)
+    # --quick runs only the first peer that is installed, to stay a smoke test.
+    entries = peers.run_all(rounds=sizes["rounds"], batch=sizes["batch"], warmup=sizes["warmup"], log=_log,
+                            limit=1 if quick else None)
     text = report.peers_table(entries)
     text += "\n\nEach peer ran in its own venv and process with the same harness; its ratios are to bare in that " \
             "process, and tokenbudget-memory ran there too as a yardstick."
@@ -201,6 +209,7 @@ def _chunks(quick: bool, sizes: dict[str, int], otel: Any) -> dict[str, Any]:
                                      rounds=max(2, sizes["rounds"] // 2), batch=sizes["batch"],
                                      warmup=sizes["warmup"])
         finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
     e2e_rows = calls.summarize(cells, variants)
     rows += calls.chunk_slopes(e2e_rows, low, high)
@@ -251,7 +260,7 @@ def _ledger(quick: bool, sizes: dict[str, int], otel: Any) -> dict[str, Any]:
 def _startup(quick: bool, sizes: dict[str, int], otel: Any) -> dict[str, Any]:
     from . import startup
 
-    rows = startup.run(repeats=2 if quick else 15)
+    rows = startup.run(repeats=1 if quick else 15)
     text = report.simple_table(rows, [("measurement", "name", 0), ("median ms", "median_ms", 1),
                                       ("p99 ms", "p99_ms", 1), ("n", "n", 0)])
     return {"rows": rows, "_text": text}

@@ -42,9 +42,12 @@ PEERS: tuple[Peer, ...] = (
          ("opentelemetry-instrumentation-genai-openai", "opentelemetry-instrumentation-genai-anthropic"),
          "OpenTelemetry official GenAI instrumentations (genai-openai + genai-anthropic)", ("openai", "anthropic"),
          pre=True),
-    Peer("otel-openai-v2", "otelv2", ("opentelemetry-instrumentation-openai-v2",),
-         "opentelemetry-instrumentation-openai-v2 (older name of the official OpenAI instrumentation)", ("openai",),
-         pre=True),
+    # 2.4b0 imports httpx (openai 3.x moved to httpx2) and opentelemetry.util.genai.instruments (gone in
+    # opentelemetry-util-genai 1.2b0), and declares neither: both are pinned here so that it imports at all.
+    Peer("otel-openai-v2", "otelv2",
+         ("opentelemetry-instrumentation-openai-v2", "opentelemetry-util-genai==1.1b0", "httpx"),
+         "opentelemetry-instrumentation-openai-v2 (the official OpenAI instrumentation's older name; needs httpx and "
+         "opentelemetry-util-genai 1.1b0 added by hand)", ("openai",), pre=True),
     Peer("logfire", "logfire", ("logfire",), "pydantic logfire instrument_openai() / instrument_anthropic()",
          ("openai", "anthropic")),
 )
@@ -80,11 +83,15 @@ def unavailable_reason(peer: Peer) -> str | None:
     return None
 
 
-def run_all(*, rounds: int, batch: int, warmup: int, log: Any = print) -> list[dict[str, Any]]:
+def run_all(*, rounds: int, batch: int, warmup: int, log: Any = print, limit: int | None = None) -> list[dict[str, Any]]:
     """Each available peer in its own process; returns one entry per peer (rows, or why it did not run)."""
     out: list[dict[str, Any]] = []
+    ran = 0
     for peer in PEERS:
         reason = unavailable_reason(peer)
+        if reason is None and limit is not None and ran >= limit:
+            reason = "not run in --quick (only the first installed peer is)"
+        ran += reason is None
         entry: dict[str, Any] = {"peer": peer.name, "label": peer.label, "rows": []}
         if reason is not None:
             entry["skipped"] = reason
@@ -179,6 +186,7 @@ def worker(name: str, *, rounds: int, batch: int, warmup: int) -> dict[str, Any]
             cells = calls.run_matrix(scenarios, variants, server=server, clients=clients, otel=otel, loop=loop,
                                      rounds=rounds, batch=batch, warmup=warmup)
         finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
         rows = calls.summarize(cells, variants)
     for row in rows:
