@@ -225,7 +225,7 @@ def cmd_budgets(args: argparse.Namespace, ctx: Context) -> int:
     if not rows:
         ctx.out.write(f"No budget accounts{' in the current windows' if not args.all else ''} in {ledger.url}.\n")
         return 0
-    cols = [("account", "l"), ("policy", "l"), ("limit", "r"), ("grants", "r"), ("spent", "r"), ("reserved", "r"),
+    cols = [("budget", "l"), ("policy", "l"), ("limit", "r"), ("grants", "r"), ("spent", "r"), ("reserved", "r"),
             ("remaining", "r"), ("used", "r"), ("tokens", "r"), ("resets", "l")]  # fmt: skip
     body = []
     for r in rows:
@@ -239,8 +239,9 @@ def cmd_budgets(args: argparse.Namespace, ctx: Context) -> int:
         if r.granted_tokens:
             grants_cell += f" +{_int(r.granted_tokens)} tok"
         body.append([
-            r.key, r.policy, limit, grants_cell, rp.fmt_usd(r.spent_micros), rp.fmt_usd(r.reserved_micros),
-            rp.fmt_usd(r.remaining_micros), _pct(r.used_fraction), tokens, rp.fmt_reset(r.window_end, ctx.now, ctx.tz),
+            rp.account_label(r, ctx.tz), r.policy, limit, grants_cell, rp.fmt_usd(r.spent_micros),
+            rp.fmt_usd(r.reserved_micros), rp.fmt_usd(r.remaining_micros), _pct(r.used_fraction), tokens,
+            rp.fmt_reset(r.window_end, ctx.now, ctx.tz),
         ])  # fmt: skip
     caption = "used = (spent + reserved) / (limit + active grants); calls are refused when the next one would not fit"
     print_table(ctx.out, f"Budgets at {rp.utc_iso(ctx.now, ctx.tz)}", cols, body, caption=caption)
@@ -286,12 +287,17 @@ def cmd_top(args: argparse.Namespace, ctx: Context) -> int:
                 change if r.growth_micros < 0 else "+" + change, "new" if ratio is None else f"{ratio:.1f}x",
                 _int(r.calls)]  # fmt: skip
 
-    span = f"the last {args.window} (to {rp.utc_iso(ctx.now, ctx.tz)}) vs the {args.window} before"
     if not heaviest and not growing:
-        ctx.out.write(f"No spend in {span}.\n")
+        ctx.out.write(f"No spend in the last {args.window} to {rp.utc_iso(ctx.now, ctx.tz)}.\n")
         return 0
-    print_table(ctx.out, f"Heaviest spenders by {args.by}, {span}", cols, [cells(r) for r in heaviest])
-    print_table(ctx.out, f"Fastest-growing by {args.by} (change in dollars)", cols, [cells(r) for r in growing])
+    print_table(
+        ctx.out, f"Heaviest spenders by {args.by}, last {args.window}", cols, [cells(r) for r in heaviest],
+        caption=f"window ends {rp.utc_iso(ctx.now, ctx.tz)}; previous = the {args.window} before it",
+    )
+    print_table(
+        ctx.out, f"Fastest-growing by {args.by}, last {args.window}", cols, [cells(r) for r in growing],
+        caption="ranked by the change in dollars; x = spend / previous spend",
+    )
     return 0
 
 

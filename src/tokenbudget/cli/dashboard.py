@@ -219,7 +219,7 @@ def burndown_chart(
     row: rp.BudgetRow, points: Sequence[tuple[float, int]], *, start: float, end: float, now: float, tz: str
 ) -> str:
     """Remaining money across the budget window: a ``path.burn`` falling from the (grant-raised) limit to zero."""
-    w, h, left, bottom, top = 300, 150, 56, 22, 10
+    w, h, left, bottom, top = 360, 150, 56, 22, 10
     plot_w, plot_h = w - left - 8, h - bottom - top
     limit = row.effective_limit_micros or 0
     lo_v = min(0, *(p[1] for p in points)) if points else 0
@@ -258,9 +258,12 @@ def burndown_chart(
     ]
     if d:
         out.append(f'<path class="burn" d="{"".join(d)}"><title>{esc(label)}</title></path>')
+    fmt = "%m-%d %H:%M" if end - start <= 2 * 86_400 else "%Y-%m-%d"
+    first = datetime.fromtimestamp(start, ZoneInfo(tz)).strftime(fmt)
+    last = datetime.fromtimestamp(end, ZoneInfo(tz)).strftime(fmt)
     out.append(
-        f'<text class="xlab" x="{left}" y="{h - 6}">{esc(rp.utc_iso(start, tz))}</text>'
-        f'<text class="xlab" x="{w - 8}" y="{h - 6}" text-anchor="end">{esc(rp.fmt_reset(end, now, tz))}</text>'
+        f'<text class="xlab" x="{left}" y="{h - 6}">{esc(first)}</text>'
+        f'<text class="xlab" x="{w - 8}" y="{h - 6}" text-anchor="end">{esc(last)}</text>'
     )
     out.append("</svg>")
     return "".join(out)
@@ -416,14 +419,15 @@ def _budgets_section(data: DashboardData) -> str:
         begin = limit - data.spent_outside.get(b.key, 0)
         points = rp.burndown(data.burn_events, b.key, begin, start)
         chart = burndown_chart(b, points, start=start, end=end, now=data.now, tz=data.tz)
-        cap = f"{b.key} \u2014 {rp.fmt_usd(b.remaining_micros)} left ({b.policy})"
+        cap = f"{rp.account_label(b, data.tz)} \u2014 {rp.fmt_usd(b.remaining_micros)} left ({b.policy})"
         figs.append(f'<figure data-account="{esc(b.key)}"><figcaption>{esc(cap)}</figcaption>{chart}</figure>')
     body = (
         f'<div class="charts">{"".join(figs)}</div>' if figs else '<p class="empty">No budget with a dollar limit.</p>'
     )
     table = _table(
-        "t-budgets", ["account", "policy", "limit", "grants", "spent", "reserved", "remaining", "used", "resets"],
-        ([b.key, b.policy, rp.fmt_usd(b.limit_micros), rp.fmt_usd(b.granted_micros), rp.fmt_usd(b.spent_micros),
+        "t-budgets", ["budget", "policy", "limit", "grants", "spent", "reserved", "remaining", "used", "resets"],
+        ([rp.account_label(b, data.tz), b.policy, rp.fmt_usd(b.limit_micros), rp.fmt_usd(b.granted_micros),
+          rp.fmt_usd(b.spent_micros),
           rp.fmt_usd(b.reserved_micros), rp.fmt_usd(b.remaining_micros),
           "-" if b.used_fraction is None else f"{b.used_fraction * 100:.1f}%",
           rp.fmt_reset(b.window_end, data.now, data.tz)]

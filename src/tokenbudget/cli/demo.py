@@ -58,11 +58,11 @@ scope = "team:search"
 limit_usd = 3.0
 period = "day"
 
-# Research shares $1.20 a day. Near the end, replies are shortened (max_tokens clamped to what is left) rather
+# Research shares $0.90 a day. Near the end, replies are shortened (max_tokens clamped to what is left) rather
 # than refused; below 128 output tokens a call is refused.
 [[budgets]]
 scope = "team:research"
-limit_usd = 1.20
+limit_usd = 0.90
 period = "day"
 on_exhaust = "clamp"
 min_output_tokens = 128

@@ -32,6 +32,7 @@ __all__ = [
     "Savings",
     "TopRow",
     "Totals",
+    "account_label",
     "bucket_start",
     "budget_rows",
     "burndown",
@@ -50,6 +51,7 @@ __all__ = [
     "spend_series",
     "top_spenders",
     "utc_iso",
+    "window_label",
 ]
 
 NONE = "(none)"
@@ -114,9 +116,10 @@ def fmt_usd(micros: int | None) -> str:
     if micros is None:
         return "-"
     usd = micros_to_usd(micros)
+    sign = "-" if usd < 0 else ""
     if abs(usd) >= 100:
-        return f"${usd:,.2f}"
-    return f"${usd:,.4f}"
+        return f"{sign}${abs(usd):,.2f}"
+    return f"{sign}${abs(usd):,.4f}"
 
 
 def _usd(micros: int | None) -> float | None:
@@ -479,6 +482,21 @@ class BudgetRow:
             "remaining_tokens": self.remaining_tokens, "used_percent": None if frac is None else round(frac * 100, 2),
             "current": self.current, "in_config": self.rule is not None,
         }
+
+
+def window_label(period: str, start: float | None, tz: str = "UTC") -> str:
+    """``day 2026-01-31``, ``month 2026-01``...: the epoch second in an account key means nothing to a reader."""
+    if period == "total" or start is None:
+        return "total"
+    t = datetime.fromtimestamp(start, ZoneInfo(tz))
+    fmt = {"hour": "%Y-%m-%d %H:00", "day": "%Y-%m-%d", "week": "of %Y-%m-%d", "month": "%Y-%m"}.get(period, "%Y-%m-%d")
+    return f"{period} {t.strftime(fmt)}"
+
+
+def account_label(row: BudgetRow, tz: str = "UTC") -> str:
+    """``team:search/user:ann #name, day 2026-01-31``."""
+    name = f" #{row.name}" if row.name else ""
+    return f"{row.scope}{name}, {window_label(row.period, row.window_start, tz)}"
 
 
 def budget_rows(
