@@ -300,7 +300,7 @@ border-radius:8px;padding:12px 16px;min-width:150px}.kpi b{display:block;font-si
 table{border-collapse:collapse;width:100%;margin:8px 0 4px;font-size:13px}
 th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:left;white-space:nowrap}
 th{color:var(--muted);font-weight:600}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
-details{margin-top:8px}summary{cursor:pointer;color:var(--muted)}.empty{color:var(--muted);font-style:italic}
+details{margin-top:8px;overflow-x:auto}summary{cursor:pointer;color:var(--muted)}.empty{color:var(--muted);font-style:italic}
 """
 
 

@@ -7,6 +7,7 @@ every number on a screen can be reproduced in a test from the same inputs.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -378,13 +379,17 @@ def _part_matches(rule_part: Any, resolved: str) -> bool:
     return bool(rule_part.value == "*" or value == rule_part.value)
 
 
+_SCOPE_SEPARATOR = re.compile(r"/(?=org(?::|/|$)|team:|user:|tag:|model:)")
+"""A ``/`` that starts the next scope part; one inside a name (``team:a/b``) is part of the name."""
+
+
 def scope_matches(rule_scope: str, resolved_scope: str) -> bool:
     """Whether rule scope ``team:search/user:*`` could have produced the resolved scope ``team:search/user:ann``."""
     try:
         parts = parse_scope(rule_scope)
     except ConfigError:
         return False
-    resolved = resolved_scope.split("/")
+    resolved = _SCOPE_SEPARATOR.split(resolved_scope)
     return len(parts) == len(resolved) and all(_part_matches(p, r) for p, r in zip(parts, resolved, strict=True))
 
 
