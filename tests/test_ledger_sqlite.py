@@ -1,0 +1,655 @@
+"""The SQLite ledger: the shared contract, plus what only a file shared by many processes can get wrong."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import stat
+import sys
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tokenbudget.ledger.sqlite as sqlite_mod
+from ledger_contract import T0, LedgerContract, full_event, ledger_machine_test
+from tokenbudget.errors import ConfigError, LedgerError
+from tokenbudget.events import CallEvent
+from tokenbudget.ledger import Allowance, Ledger, MemoryLedger, Refusal, Reservation, open_ledger
+from tokenbudget.ledger.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteLedger, default_ledger_path
+
+POSIX = os.name == "posix"
+SPAWN = multiprocessing.get_context("spawn")
+
+
+class TestSQLiteLedger(LedgerContract):
+    @pytest.fixture
+    def make_ledger(self, tmp_path: Path) -> Callable[[], Ledger]:
+        return lambda: SQLiteLedger(tmp_path / "ledger.db")
+
+
+def _make(stack: ExitStack) -> Ledger:
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="tb-ledger-"))
+    led = SQLiteLedger(os.path.join(tmp, "ledger.db"))
+    stack.callback(led.close)
+    return led
+
+
+TestSQLiteLedgerMachine = ledger_machine_test(_make, max_examples=40, steps=40)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+def ledger(path: Path) -> Iterator[SQLiteLedger]:
+    led = SQLiteLedger(path)
+    try:
+        yield led
+    finally:
+        led.close()
+
+
+def _event(n: int, cost: int, keys: tuple[str, ...], now: float = T0) -> CallEvent:
+    return CallEvent(id=f"e{n}", time=now, provider="openai", model="gpt-4o-mini", cost_micros=cost, budget_keys=keys)
+
+
+def _assert_exact(led: Ledger, a: Allowance, *, now: float) -> None:
+    """Spend equals the recorded events, to the micro-dollar, and no hold is left behind."""
+    bal = led.balance(a, now=now)
+    assert bal.spent_micros == sum(e.cost_micros for e in led.events() if a.key in e.budget_keys)
+    assert bal.reserved_micros == sum(r.micros for r in led.active_reservations(now=now) if a.key in r.keys)
+
+
+# -- persistence, URLs, defaults -----------------------------------------------------------------------------------
+def test_survives_reopen_and_two_handles_share_one_file(path: Path) -> None:
+    a = Allowance("k", "s", limit_micros=1000)
+    one = SQLiteLedger(path)
+    two = SQLiteLedger(path)
+    r = one.reserve([a], 700, 0, lease_seconds=60, now=T0)
+    assert isinstance(r, Reservation)
+    assert isinstance(two.reserve([a], 301, 0, lease_seconds=60, now=T0), Refusal)
+    assert two.settle(r, 500, 0, _event(1, 500, r.keys), now=T0)
+    assert one.settle(r, 500, 0, _event(2, 500, r.keys), now=T0) is False
+    one.close()
+    two.close()
+    three = SQLiteLedger(path)
+    assert three.balance(a, now=T0).spent_micros == 500
+    assert [e.id for e in three.events()] == ["e1"]
+    three.close()
+
+
+def test_url_is_absolute_and_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    led = SQLiteLedger("rel/ledger.db")
+    assert led.path == tmp_path / "rel" / "ledger.db"
+    assert led.url == "sqlite:///" + str(tmp_path / "rel" / "ledger.db")
+    again = open_ledger(led.url)
+    assert isinstance(again, SQLiteLedger) and again.path == led.path
+    led.close()
+    again.close()
+
+
+def test_open_ledger_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import platformdirs
+
+    assert isinstance(open_ledger("memory://"), MemoryLedger)
+    monkeypatch.chdir(tmp_path)
+    rel = open_ledger("sqlite:///data/rel.db")
+    assert isinstance(rel, SQLiteLedger) and rel.path == tmp_path / "data" / "rel.db" and rel.path.exists()
+    absolute = open_ledger("sqlite:///" + str(tmp_path / "abs.db"))
+    assert isinstance(absolute, SQLiteLedger) and absolute.path == tmp_path / "abs.db"
+    monkeypatch.setattr(platformdirs, "user_state_dir", lambda app: str(tmp_path / "state" / app))
+    assert default_ledger_path() == tmp_path / "state" / "tokenbudget" / "ledger.db"
+    default = open_ledger(None)
+    assert isinstance(default, SQLiteLedger) and default.path == tmp_path / "state" / "tokenbudget" / "ledger.db"
+    for led in (rel, absolute, default):
+        led.close()
+
+
+@pytest.mark.parametrize("url", ["postgres://db/x", "sqlite://", "sqlite:///", "memory", "", "file:///tmp/x.db"])
+def test_open_ledger_rejects_unknown_forms(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        open_ledger(url)
+    assert info.value.key == "ledger"
+    assert "memory://" in str(info.value) and "sqlite:///" in str(info.value) and "redis://" in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://cache.internal:6380/1"])
+def test_open_ledger_redis_missing_says_what_to_install(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tokenbudget.ledger.redis", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"tokenbudget\[redis\]") as info:
+        open_ledger(url)
+    assert info.value.key == "ledger"
+
+
+def test_open_ledger_redis_is_imported_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+
+    class FakeRedisLedger(MemoryLedger):
+        def __init__(self, url: str) -> None:
+            super().__init__()
+            made.append(url)
+
+    fake = types.ModuleType("tokenbudget.ledger.redis")
+    fake.RedisLedger = FakeRedisLedger  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tokenbudget.ledger.redis", fake)
+    assert isinstance(open_ledger("redis://h:1/2"), FakeRedisLedger)
+    assert made == ["redis://h:1/2"]
+
+
+def test_lazy_exports() -> None:
+    import tokenbudget.ledger as pkg
+
+    assert pkg.SQLiteLedger is SQLiteLedger
+    assert pkg.default_ledger_path is default_ledger_path
+    with pytest.raises(AttributeError):
+        _ = pkg.NoSuchLedger
+
+
+# -- files -----------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not POSIX, reason="POSIX permissions")
+def test_file_and_directory_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "ledger.db"
+    old = os.umask(0)
+    try:
+        led = SQLiteLedger(path)
+        r = led.reserve([Allowance("k", "s")], 1, 1, lease_seconds=60, now=T0)
+        assert isinstance(r, Reservation)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        sidecars = [Path(str(path) + s) for s in ("-wal", "-shm")]
+        assert any(p.exists() for p in sidecars)
+        for p in sidecars:
+            if p.exists():
+                assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+        led.close()
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX permissions")
+def test_existing_file_permissions_are_left_alone(path: Path) -> None:
+    SQLiteLedger(path).close()
+    os.chmod(path, 0o640)  # e.g. a deliberately group-shared ledger
+    SQLiteLedger(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_corrupt_file_is_a_ledger_error_naming_the_file(path: Path) -> None:
+    path.write_bytes(b"this is not a database, it only looks like one\n" * 200)
+    with pytest.raises(LedgerError) as info:
+        SQLiteLedger(path)
+    assert str(path) in str(info.value) and "Move it aside" in str(info.value)
+
+
+def test_file_in_an_uncreatable_directory(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LedgerError) as info:
+        SQLiteLedger(blocker / "ledger.db")
+    assert str(blocker) in str(info.value)
+
+
+# -- schema ----------------------------------------------------------------------------------------------------------
+def _user_version(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _indexes(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    finally:
+        conn.close()
+
+
+def test_new_file_is_at_the_latest_schema(ledger: SQLiteLedger, path: Path) -> None:
+    assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
+    assert _user_version(path) == SCHEMA_VERSION
+    assert "grants_scope" in _indexes(path)
+
+
+def test_migrates_a_version_1_file(path: Path) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN")
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO accounts (key, scope, spent_micros, reserved_micros) VALUES ('k', 's', 300, 200)")
+    conn.execute(
+        "INSERT INTO reservations (id, keys, micros, tokens, expires_at, state, created_at) "
+        "VALUES ('r1', '[\"k\"]', 200, 0, ?, 'held', ?)",
+        (T0 + 60, T0),
+    )
+    conn.execute(
+        "INSERT INTO events (id, time, provider, model, operation, status, decision, cost_micros, budget_keys) "
+        "VALUES ('old', ?, 'openai', 'gpt-4o', 'chat', 'ok', 'allow', 300, '[\"k\"]')",
+        (T0 - 1,),
+    )
+    conn.execute("INSERT INTO grants (id, scope, micros, tokens, created_at) VALUES ('g', 's', 1000, 0, ?)", (T0,))
+    conn.execute("COMMIT")
+    conn.close()
+    assert _user_version(path) == 1 and "grants_scope" not in _indexes(path)
+
+    led = SQLiteLedger(path)
+    assert _user_version(path) == SCHEMA_VERSION
+    assert "grants_scope" in _indexes(path)
+    a = Allowance("k", "s", limit_micros=1000)
+    bal = led.balance(a, now=T0)
+    assert (bal.spent_micros, bal.reserved_micros, bal.limit_micros, bal.granted_micros) == (300, 200, 2000, 1000)
+    [old] = led.events()
+    assert old.id == "old" and old.cost_micros == 300 and old.budget_keys == ("k",) and old.tags == {}
+    held = led.active_reservations(now=T0)
+    assert [r.id for r in held] == ["r1"]
+    assert led.settle(held[0], 150, 0, _event(1, 150, ("k",)), now=T0)
+    assert led.settle(held[0], 150, 0, None, now=T0) is False
+    bal = led.balance(a, now=T0)
+    assert (bal.spent_micros, bal.reserved_micros) == (450, 0)
+    led.close()
+
+
+def test_a_newer_schema_is_refused(path: Path) -> None:
+    SQLiteLedger(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 7}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LedgerError, match="newer tokenbudget") as info:
+        SQLiteLedger(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_failing_migration_changes_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    SQLiteLedger(path).close()
+    broken = (*MIGRATIONS, ("CREATE TABLE half_done (x INTEGER)", "THIS IS NOT SQL"))
+    monkeypatch.setattr(sqlite_mod, "MIGRATIONS", broken)
+    monkeypatch.setattr(sqlite_mod, "SCHEMA_VERSION", len(broken))
+    with pytest.raises(LedgerError, match="migrating"):
+        SQLiteLedger(path)
+    assert _user_version(path) == len(MIGRATIONS)
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
+    conn.close()
+
+
+def test_concurrent_first_open_migrates_once(path: Path) -> None:
+    errors: list[BaseException] = []
+    opened: list[SQLiteLedger] = []
+    barrier = threading.Barrier(8)
+
+    def open_it() -> None:
+        barrier.wait()
+        try:
+            opened.append(SQLiteLedger(path))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(opened) == 8
+    assert _user_version(path) == SCHEMA_VERSION
+    for led in opened:
+        led.close()
+
+
+def test_events_use_the_time_index(ledger: SQLiteLedger, path: Path) -> None:
+    conn = sqlite3.connect(path)
+    plan = " ".join(
+        str(row[-1])
+        for row in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM events WHERE time < ? AND (time, seq) > (?, ?) "
+            "ORDER BY time, seq LIMIT 10",
+            (1.0, 0.0, 0),
+        )
+    )
+    conn.close()
+    assert "events_time" in plan and "TEMP B-TREE" not in plan
+
+
+# -- failures --------------------------------------------------------------------------------------------------------
+def test_locked_file_is_a_ledger_error_and_nothing_half_written(path: Path) -> None:
+    a = Allowance("k", "s", limit_micros=1000)
+    led = SQLiteLedger(path, busy_timeout=0.2)
+    r = led.reserve([a], 400, 4, lease_seconds=600, now=T0)
+    assert isinstance(r, Reservation)
+
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    blocker.execute("UPDATE accounts SET reserved_micros = reserved_micros + 999")  # never committed
+    started = time.monotonic()
+    with pytest.raises(LedgerError) as info:
+        led.reserve([a], 100, 0, lease_seconds=600, now=T0)
+    assert 0.15 <= time.monotonic() - started < 5
+    assert str(path) in str(info.value) and "busy_timeout" in str(info.value)
+    with pytest.raises(LedgerError, match="settle"):
+        led.settle(r, 300, 3, _event(1, 300, r.keys), now=T0)
+    with pytest.raises(LedgerError):
+        led.record(_event(2, 0, ()))
+    # Readers are not blocked by a writer in WAL mode, and see only committed state.
+    assert led.balance(a, now=T0).reserved_micros == 400
+    blocker.execute("ROLLBACK")
+
+    # The ledger holds no lock of its own after the failures...
+    probe = sqlite3.connect(path, isolation_level=None, timeout=0)
+    probe.execute("BEGIN IMMEDIATE")
+    probe.execute("ROLLBACK")
+    probe.close()
+    blocker.close()
+    # ...and retrying the failed settle charges exactly once.
+    assert led.settle(r, 300, 3, _event(1, 300, r.keys), now=T0) is True
+    assert led.settle(r, 300, 3, _event(3, 300, r.keys), now=T0) is False
+    bal = led.balance(a, now=T0)
+    assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens, bal.reserved_tokens) == (300, 0, 3, 0)
+    _assert_exact(led, a, now=T0)
+    assert [e.id for e in led.events()] == ["e1"]
+    led.close()
+
+
+def test_threads_wait_for_each_other_not_fail(ledger: SQLiteLedger) -> None:
+    a = Allowance("k", "s")
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for i in range(50):
+                r = ledger.reserve([a], 10, 1, lease_seconds=60, now=T0)
+                assert isinstance(r, Reservation)
+                ledger.settle(r, 10, 1, _event(i, 10, r.keys), now=T0)
+                ledger.balance(a, now=T0)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert ledger.balance(a, now=T0).spent_micros == 8 * 50 * 10
+    _assert_exact(ledger, a, now=T0)
+
+
+def test_disk_full_mid_run_leaves_the_ledger_exact(ledger: SQLiteLedger) -> None:
+    a = Allowance("k", "s")
+    # Cap the file at its current size on the pooled connection: the next page it needs fails with SQLITE_FULL.
+    conn = ledger._checkout()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    ledger._checkin(conn)
+    failed_at = None
+    pending: list[Reservation] = []
+    for i in range(10_000):
+        try:
+            r = ledger.reserve([a], 7, 1, lease_seconds=600, now=T0)
+            assert isinstance(r, Reservation)
+            pending.append(r)
+            ledger.settle(r, 7, 1, _event(i, 7, r.keys), now=T0)
+            pending.pop()
+        except LedgerError as exc:
+            assert "disk is full" in str(exc) and str(ledger.path) in str(exc)
+            failed_at = i
+            break
+    assert failed_at is not None
+    # The failed connection was dropped; the next one has no cap, so outstanding work can finish exactly once.
+    for r in pending:
+        assert ledger.settle(r, 7, 1, _event(10**6, 7, r.keys), now=T0) is True
+    _assert_exact(ledger, a, now=T0)
+    assert ledger.balance(a, now=T0).reserved_micros == 0
+
+
+def _readonly_attempt(path: str, out: Any) -> None:
+    """Child: try the ledger as a user who may read the file but not write it."""
+    if os.geteuid() == 0:  # root ignores file modes: become nobody
+        os.setgid(65534)
+        os.setuid(65534)
+    messages = []
+    try:
+        led = SQLiteLedger(path)
+    except LedgerError as exc:
+        messages.append(str(exc))
+    else:
+        a = Allowance("k", "s", limit_micros=1000)
+        try:
+            led.reserve([a], 1, 0, lease_seconds=60, now=T0)
+        except LedgerError as exc:
+            messages.append(str(exc))
+    out.put(messages)
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX permissions")
+def test_read_only_file_is_a_ledger_error_and_the_ledger_stays_exact() -> None:
+    a = Allowance("k", "s", limit_micros=1000)
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:  # a directory the unprivileged child can reach
+        os.chmod(tmp, 0o755)
+        path = Path(tmp) / "ledger.db"
+        led = SQLiteLedger(path)
+        r = led.reserve([a], 500, 0, lease_seconds=600, now=T0)
+        assert isinstance(r, Reservation)
+        files = [p for p in Path(tmp).iterdir()]
+        modes = {p: stat.S_IMODE(p.stat().st_mode) for p in files}
+        try:
+            for p in files:
+                os.chmod(p, 0o444)
+            os.chmod(tmp, 0o555)
+            out = SPAWN.Queue()
+            child = SPAWN.Process(target=_readonly_attempt, args=(str(path), out))
+            child.start()
+            messages = out.get(timeout=60)
+            child.join(60)
+            assert child.exitcode == 0
+        finally:
+            os.chmod(tmp, 0o755)
+            for p, mode in modes.items():
+                os.chmod(p, mode)
+        assert len(messages) == 1, messages
+        assert str(path) in messages[0] and "read-only" in messages[0]
+        assert led.settle(r, 450, 0, _event(1, 450, r.keys), now=T0) is True
+        bal = led.balance(a, now=T0)
+        assert (bal.spent_micros, bal.reserved_micros) == (450, 0)
+        _assert_exact(led, a, now=T0)
+        led.close()
+
+
+# -- many processes --------------------------------------------------------------------------------------------------
+def _contend(path: str, key: str, limit: int, amount: int, threads: int, attempts: int, barrier: Any, out: Any) -> None:
+    """Child: ``threads`` threads each try ``attempts`` reserve+settle pairs against one shared allowance."""
+    led = SQLiteLedger(path, busy_timeout=60)
+    a = Allowance(key, "shared", limit_micros=limit)
+    totals = [0, 0, 0]  # ok, refused, over-limit observations
+    lock = threading.Lock()
+    errors: list[str] = []
+    start = threading.Barrier(threads)
+
+    def run(t: int) -> None:
+        ok = refused = over = 0
+        try:
+            start.wait()
+            for i in range(attempts):
+                now = time.time()
+                r = led.reserve([a], amount, 1, lease_seconds=600, now=now)
+                if isinstance(r, Refusal):
+                    refused += 1
+                    continue
+                ok += 1
+                bal = led.balance(a, now=now)
+                if bal.spent_micros + bal.reserved_micros > limit:
+                    over += 1
+                ev = CallEvent(id=f"{os.getpid()}-{t}-{i}", time=now, provider="p", model="m", cost_micros=amount,
+                               budget_keys=(key,))  # fmt: skip
+                assert led.settle(r, amount, 1, ev, now=now) is True
+                assert led.settle(r, amount, 1, ev, now=now) is False
+        except BaseException as exc:
+            errors.append(repr(exc))
+        with lock:
+            totals[0] += ok
+            totals[1] += refused
+            totals[2] += over
+
+    barrier.wait(60)
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    led.close()
+    out.put((totals, errors))
+
+
+def test_processes_and_threads_never_overspend(path: Path) -> None:
+    procs_n, threads_n, attempts, amount, k = 4, 16, 3, 1_234, 100
+    limit = k * amount
+    SQLiteLedger(path).close()  # create and migrate once, up front
+    barrier = SPAWN.Barrier(procs_n)
+    out = SPAWN.Queue()
+    procs = [
+        SPAWN.Process(target=_contend, args=(str(path), "team:2026", limit, amount, threads_n, attempts, barrier, out))
+        for _ in range(procs_n)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        results = [out.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():  # pragma: no cover - only on failure
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    errors = [e for _, errs in results for e in errs]
+    assert errors == []
+    ok = sum(t[0] for t, _ in results)
+    refused = sum(t[1] for t, _ in results)
+    over = sum(t[2] for t, _ in results)
+    assert ok == k and ok + refused == procs_n * threads_n * attempts and over == 0
+
+    led = SQLiteLedger(path)
+    a = Allowance("team:2026", "shared", limit_micros=limit)
+    now = time.time()
+    bal = led.balance(a, now=now)
+    assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens, bal.reserved_tokens) == (limit, 0, k, 0)
+    events = list(led.events())
+    assert len(events) == k and sum(e.cost_micros for e in events) == limit
+    assert led.active_reservations(now=now) == []
+    led.close()
+
+
+def _reserve_and_hang(path: str, limit: int, now: float, out: Any) -> None:
+    led = SQLiteLedger(path)
+    r = led.reserve([Allowance("k", "s", limit_micros=limit)], limit, 0, lease_seconds=30, now=now)
+    out.put(r)
+    time.sleep(600)
+
+
+def _hang_inside_a_transaction(path: str, out: Any) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE accounts SET reserved_micros = reserved_micros + 777, spent_micros = spent_micros + 1")
+    out.put("holding")
+    time.sleep(600)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_a_killed_holder_blocks_only_until_its_lease_ends(path: Path) -> None:
+    limit = 1000
+    a = Allowance("k", "s", limit_micros=limit)
+    SQLiteLedger(path).close()
+    out = SPAWN.Queue()
+    child = SPAWN.Process(target=_reserve_and_hang, args=(str(path), limit, T0, out))
+    child.start()
+    try:
+        held = out.get(timeout=60)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join(30)
+    assert isinstance(held, Reservation) and held.expires_at == T0 + 30
+    assert child.exitcode == -signal.SIGKILL
+
+    led = SQLiteLedger(path, busy_timeout=1)
+    refusal = led.reserve([a], 1, 0, lease_seconds=30, now=T0 + 29.9)
+    assert isinstance(refusal, Refusal) and refusal.balance.reserved_micros == limit
+    assert [r.id for r in led.active_reservations(now=T0 + 29.9)] == [held.id]
+    # The lease ends: the dead process's hold is given back and the whole budget is free again.
+    assert led.balance(a, now=T0 + 30).reserved_micros == 0
+    mine = led.reserve([a], limit, 0, lease_seconds=30, now=T0 + 30)
+    assert isinstance(mine, Reservation)
+    assert led.settle(mine, limit, 0, _event(1, limit, mine.keys, T0 + 30), now=T0 + 30)
+    bal = led.balance(a, now=T0 + 30)
+    assert (bal.spent_micros, bal.reserved_micros) == (limit, 0)
+    _assert_exact(led, a, now=T0 + 30)
+
+    # A process killed mid-transaction leaves nothing behind, and its lock dies with it.
+    out2 = SPAWN.Queue()
+    child = SPAWN.Process(target=_hang_inside_a_transaction, args=(str(path), out2))
+    child.start()
+    try:
+        assert out2.get(timeout=60) == "holding"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join(30)
+    led.record(_event(2, 0, ()))  # takes the write lock
+    bal = led.balance(a, now=T0 + 30)
+    assert (bal.spent_micros, bal.reserved_micros) == (limit, 0)
+    led.close()
+
+
+def _use_inherited(led: SQLiteLedger, out: Any) -> None:
+    a = Allowance("k", "s")
+    r = led.reserve([a], 5, 0, lease_seconds=60, now=T0)
+    assert isinstance(r, Reservation)
+    out.put(led.settle(r, 5, 0, _event(9, 5, r.keys), now=T0))
+
+
+@pytest.mark.skipif(not POSIX or "fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_forked_child_does_not_reuse_the_parents_connections(ledger: SQLiteLedger) -> None:
+    a = Allowance("k", "s")
+    r = ledger.reserve([a], 5, 0, lease_seconds=60, now=T0)  # the pool now holds a live connection
+    assert isinstance(r, Reservation)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_use_inherited, args=(ledger, out))
+    child.start()
+    assert out.get(timeout=60) is True
+    child.join(30)
+    assert child.exitcode == 0
+    assert ledger.settle(r, 5, 0, _event(8, 5, r.keys), now=T0)
+    assert ledger.balance(a, now=T0).spent_micros == 10
+    _assert_exact(ledger, a, now=T0)
+
+
+def test_full_event_survives_other_processes(path: Path) -> None:
+    led = SQLiteLedger(path)
+    led.record(full_event(3))
+    led.close()
+    assert list(SQLiteLedger(path).events()) == [full_event(3)]
+
+
+def test_throughput_smoke(ledger: SQLiteLedger) -> None:
+    """Not a benchmark: catches a regression to one fsync per commit (which would be ~100x slower)."""
+    a = Allowance("k", "s", limit_micros=10**15)
+    n = 500
+    started = time.perf_counter()
+    for i in range(n):
+        r = ledger.reserve([a], 100, 10, lease_seconds=60, now=T0)
+        assert isinstance(r, Reservation)
+        ledger.settle(r, 90, 9, _event(i, 90, r.keys), now=T0)
+    rate = n / (time.perf_counter() - started)
+    assert rate > 300, f"{rate:.0f} reserve+settle pairs/s"
