@@ -287,6 +287,10 @@ class Guard:
         req = plan.request
         api = target.api or req.api
         new = replace(req, model=target.model, body={**req.body, "model": target.model}, api=api)
+        if api != req.api:  # estimate what the target will be sent, in its protocol
+            from .integrations.translate import translated_for_estimate
+
+            new.body, new.max_output_tokens = translated_for_estimate(new.body, req.api, api, new.max_output_tokens)
         if target.base_url:
             from urllib.parse import urlsplit
 

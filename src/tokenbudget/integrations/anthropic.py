@@ -97,7 +97,7 @@ class MessagesStreamMeter(StreamMeter):
         if self.ended:
             usage.exact = True
             return usage
-        if not self.started:
+        if not self.started or not usage.input_tokens:  # a stream translated from chat chunks reports input last
             usage.input_tokens = self.ticket.input_tokens
         text = []
         for raw in self.chunks:

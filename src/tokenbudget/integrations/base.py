@@ -142,9 +142,15 @@ def make_request_wrapper(adapter: Adapter) -> Callable[..., Any]:
         ticket = guard.begin(call)  # may raise BudgetExceeded: nothing has been sent
         try:
             hide = adapter.rewrite(options, ticket)
-            client, fn = _route(instance, wrapped, ticket)
+            cross = _cross_protocol(ticket, call, args, kwargs, stream)
+            client, fn = _route(instance, wrapped, ticket) if cross is None else (instance, wrapped)
             with trace.use_span(ticket.span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
-                result = fn(*args, **kwargs) if client is instance else fn(client, *args, **kwargs)
+                if cross is not None:
+                    from . import translate
+
+                    result = translate.send_translated(instance, options, **cross)
+                else:
+                    result = fn(*args, **kwargs) if client is instance else fn(client, *args, **kwargs)
         except BaseException as exc:
             _settle_exception(ticket, exc)
             raise
@@ -168,9 +174,15 @@ def make_async_request_wrapper(adapter: Adapter) -> Callable[..., Any]:
         ticket = await guard.abegin(call)
         try:
             hide = adapter.rewrite(options, ticket)
-            client, fn = _route(instance, wrapped, ticket)
+            cross = _cross_protocol(ticket, call, args, kwargs, stream)
+            client, fn = _route(instance, wrapped, ticket) if cross is None else (instance, wrapped)
             with trace.use_span(ticket.span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
-                result = await (fn(*args, **kwargs) if client is instance else fn(client, *args, **kwargs))
+                if cross is not None:
+                    from . import translate
+
+                    result = await translate.asend_translated(instance, options, **cross)
+                else:
+                    result = await (fn(*args, **kwargs) if client is instance else fn(client, *args, **kwargs))
         except BaseException as exc:
             _settle_exception(ticket, exc)
             raise
@@ -178,6 +190,30 @@ def make_async_request_wrapper(adapter: Adapter) -> Callable[..., Any]:
         return result
 
     return request_wrapper
+
+
+def _cross_protocol(
+    ticket: Ticket, call: CallRequest, args: tuple[Any, ...], kwargs: dict[str, Any], stream: bool
+) -> dict[str, Any] | None:
+    """Arguments for :func:`.translate.send_translated` when the downgrade target speaks the other protocol.
+
+    Such a target cannot be reached by re-pointing the caller's client: the body, the answer and the stream all
+    have to be translated, so the call bypasses the SDK's ``request`` (the wrapper still guards and settles it).
+    """
+    target = ticket.route
+    if target is None or not target.base_url or (target.api or call.api) == call.api:
+        return None
+    import os
+
+    return {
+        "cast_to": args[0] if args else kwargs.get("cast_to"),
+        "stream": stream,
+        "stream_cls": kwargs.get("stream_cls"),
+        "target_base_url": target.base_url,
+        "target_api": target.api,
+        "api_key": os.environ.get(target.api_key_env) if target.api_key_env else None,
+        "caller_api": call.api,
+    }
 
 
 def _route(instance: Any, wrapped: Callable[..., Any], ticket: Ticket) -> tuple[Any, Callable[..., Any]]:
