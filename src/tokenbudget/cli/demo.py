@@ -336,7 +336,7 @@ class _Company:
     def _refused(self, who: str, exc: Exception) -> None:
         if who not in self.refused_noted:
             self.refused_noted.add(who)
-            self.say(f"REFUSED    {who}: {exc} (never sent)")
+            self.say(f"REFUSED    {who}: {type(exc).__name__}: {exc} (never sent)")
 
     # -- people --------------------------------------------------------------------------------------------------
     def tick(self, busy: float, *, runaway: bool) -> None:
@@ -368,7 +368,7 @@ class _Company:
                 try:
                     self.agent()
                 except tb.BudgetExceeded as exc:
-                    self.say(f"STOPPED    research.agent after {self.agent_steps} steps: {exc}")
+                    self.say(f"STOPPED    research.agent after {self.agent_steps} steps: {type(exc).__name__}: {exc}")
                     self.say("           the next call was never sent; the run is recorded as failed")
 
     def _n(self, rate: float) -> int:

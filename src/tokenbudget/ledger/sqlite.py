@@ -644,6 +644,14 @@ class SQLiteLedger(Ledger):
             ).fetchall()
         return [Reservation(rid, tuple(json.loads(keys)), m, t, exp) for rid, keys, m, t, exp in rows]
 
+    def accounts(self) -> list[Balance]:
+        with self._transaction("listing accounts", write=False) as conn:
+            rows = conn.execute(
+                "SELECT key, scope, spent_micros, reserved_micros, spent_tokens, reserved_tokens FROM accounts "
+                "ORDER BY key"
+            ).fetchall()
+        return [Balance(key, scope, None, None, sm, rm, st, rt) for key, scope, sm, rm, st, rt in rows]
+
     def close(self) -> None:
         """Close idle connections; the ledger stays usable and reconnects on next use."""
         if os.getpid() != self._pid:
