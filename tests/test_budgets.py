@@ -384,3 +384,17 @@ def test_pyproject_table(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.chdir(sub)
     assert tokenbudget.install().default_principal.team == "py"
     assert os.environ.get("TOKENBUDGET_CONFIG") is None
+
+
+def test_downgrade_to_in_house_without_key_env_never_forwards_the_vendor_key(srv: StandInServer) -> None:
+    client = openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-VENDOR-SECRET", max_retries=0)
+    with StandInServer() as inhouse:
+        tokenbudget.install({
+            "ledger": "memory://",
+            "budgets": [{"scope": "org", "limit_usd": 0.000001, "on_exhaust": "downgrade"}],
+            "downgrade": {"*": {"model": "metacode-7b", "base_url": inhouse.openai_base_url}},
+            "prices": {"metacode-7b": {"input": 0, "output": 0}},
+        })
+        call(client, model="gpt-4o")
+        (req,) = inhouse.requests
+        assert "sk-VENDOR-SECRET" not in repr(req.headers)

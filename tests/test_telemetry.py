@@ -7,6 +7,7 @@ import sys
 import textwrap
 from typing import Any
 
+import pytest
 from opentelemetry import trace
 
 import tokenbudget
@@ -31,14 +32,14 @@ def test_metrics_tokens_duration_cost(guard: tokenbudget.Guard, openai_client: A
         return sum(getattr(p, "sum", getattr(p, "value", 0)) for p in pts)
 
     before_in = total("gen_ai.client.token.usage", **{"gen_ai.token.type": "input", "gen_ai.request.model": "gpt-4o"})
-    before_cost = total("tokenbudget.cost", **{"gen_ai.request.model": "gpt-4o"})
+    before_cost = total("tokenbudget.cost", **{"gen_ai.request.model": "gpt-4o", "tokenbudget.team": "search"})
     srv.reply = Reply(input_tokens=1000, output_tokens=100)
     with tokenbudget.scope(team="search", user="ann"):
         openai_client.chat.completions.create(model="gpt-4o", messages=MSG)
     assert total("gen_ai.client.token.usage", **{"gen_ai.token.type": "input",
                                                  "gen_ai.request.model": "gpt-4o"}) - before_in == 1000
     assert total("tokenbudget.cost", **{"gen_ai.request.model": "gpt-4o", "tokenbudget.team": "search"}) - before_cost \
-        == 0.0035  # $2.50 x 1000 + $10 x 100 per MTok
+        == pytest.approx(0.0035)  # $2.50 x 1000 + $10 x 100 per MTok
     durations = [p for p in otel.metric_points("gen_ai.client.operation.duration")
                  if p.attributes.get("gen_ai.request.model") == "gpt-4o"]
     assert durations and durations[0].count >= 1

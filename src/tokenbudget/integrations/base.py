@@ -216,6 +216,10 @@ def _cross_protocol(
     }
 
 
+NO_KEY = "tokenbudget-no-key"
+"""Sent as the API key to a downgrade target that names no ``api_key_env``."""
+
+
 def _route(instance: Any, wrapped: Callable[..., Any], ticket: Ticket) -> tuple[Any, Callable[..., Any]]:
     """Send a downgraded call to its target's server when it has its own ``base_url``.
 
@@ -227,9 +231,9 @@ def _route(instance: Any, wrapped: Callable[..., Any], ticket: Ticket) -> tuple[
         return instance, wrapped
     import os
 
-    overrides: dict[str, Any] = {"base_url": target.base_url}
-    if target.api_key_env:
-        overrides["api_key"] = os.environ.get(target.api_key_env, "")
+    # Never forward the caller's vendor key to another server: the target gets its own key or none.
+    key = os.environ.get(target.api_key_env, "") if target.api_key_env else ""
+    overrides: dict[str, Any] = {"base_url": target.base_url, "api_key": key or NO_KEY}
     copy = instance.with_options(**overrides) if hasattr(instance, "with_options") else instance.copy(**overrides)
     unwrapped = getattr(type(instance).request, "__wrapped__", None)
     if unwrapped is None:  # pragma: no cover

@@ -45,6 +45,7 @@ def usage_from(obj: Any) -> Usage | None:
             input_tokens=_int(_get(u, "input_tokens")),
             output_tokens=_int(_get(u, "output_tokens")),
             cache_read_tokens=_int(_get(_get(u, "input_tokens_details"), "cached_tokens")),
+            cache_write_tokens=_int(_get(_get(u, "input_tokens_details"), "cache_write_tokens")),
             reasoning_tokens=_int(_get(_get(u, "output_tokens_details"), "reasoning_tokens")),
         )
         status = _get(obj, "status")
@@ -54,6 +55,7 @@ def usage_from(obj: Any) -> Usage | None:
             input_tokens=_int(_get(u, "prompt_tokens")),
             output_tokens=_int(_get(u, "completion_tokens")),
             cache_read_tokens=_int(_get(_get(u, "prompt_tokens_details"), "cached_tokens")),
+            cache_write_tokens=_int(_get(_get(u, "prompt_tokens_details"), "cache_write_tokens")),
             reasoning_tokens=_int(_get(_get(u, "completion_tokens_details"), "reasoning_tokens")),
         )
         choices = _get(obj, "choices") or ()
