@@ -371,6 +371,25 @@ class LedgerContract:
         assert ledger.active_reservations(now=T0 + 100) == []
         assert ledger.balance(b, now=T0 + 100).reserved_micros == 0
 
+    def test_accounts_lists_spend_and_holds_per_key(self, ledger: Ledger) -> None:
+        a = Allowance("team:ml:2026-01-01", "team:ml", limit_micros=1000)
+        b = Allowance("org:2026-01", "org", limit_micros=10_000)
+        r = ledger.reserve([a, b], 300, 3, lease_seconds=LEASE, now=T0)
+        assert isinstance(r, Reservation)
+        ledger.settle(r, 200, 2, None, now=T0)
+        assert isinstance(ledger.reserve([a], 100, 1, lease_seconds=LEASE, now=T0), Reservation)
+        try:
+            listed = ledger.accounts()
+        except NotImplementedError:
+            pytest.skip(f"{type(ledger).__name__} does not list accounts")
+        accounts = {x.key: x for x in listed}
+        assert set(accounts) == {a.key, b.key}
+        got = accounts[a.key]
+        assert (got.scope, got.spent_micros, got.reserved_micros, got.spent_tokens, got.reserved_tokens) == (
+            "team:ml", 200, 100, 2, 1,
+        )  # fmt: skip
+        assert (accounts[b.key].spent_micros, accounts[b.key].reserved_micros) == (200, 0)
+
     # -- events ----------------------------------------------------------------------------------------------------
     def test_events_in_time_order_with_since_and_until(self, ledger: Ledger) -> None:
         a = Allowance("a", "a")
