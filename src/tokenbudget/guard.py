@@ -147,6 +147,9 @@ class Guard:
         self.default_principal = default_principal(s.org, s.team, s.user, s.tags)
         self.listeners: list[EventListener] = []
         self._brownout = any(r.downgrade_at is not None for r in s.all_rules())
+        self._deferred: list[tuple[Reservation, int, int, CallEvent | None, float]] = []
+        """Settlements the ledger refused (locked, full, down): retried before the next reservation and at close."""
+        self._deferred_lock = threading.Lock()
 
     # -- before ------------------------------------------------------------------------------------------------
     def _plan(self, request: CallRequest) -> _Plan:
@@ -254,6 +257,8 @@ class Guard:
                 return ticket
 
     def _answer(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance]:
+        if self._deferred:
+            self._settle_deferred()
         now = self.clock.now()
         try:
             if isinstance(ask, _Reserve):
@@ -265,6 +270,8 @@ class Guard:
             raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) could not be reached: {exc}") from exc
 
     async def _aanswer(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance]:
+        if self._deferred:
+            self._settle_deferred()
         now = self.clock.now()
         try:
             if isinstance(ask, _Reserve):
@@ -376,7 +383,10 @@ class Guard:
             elif record is not None:
                 self.ledger.record(record)
         except Exception:
-            log.exception("tokenbudget could not settle a call in the ledger %s", self.ledger.url)
+            log.exception("tokenbudget could not settle a call in the ledger %s; retrying later", self.ledger.url)
+            if ticket.reservation is not None:  # settle is idempotent: a retry never charges twice
+                with self._deferred_lock:
+                    self._deferred.append((ticket.reservation, cost, tokens, record, now))
         try:
             self.telemetry.finish(
                 ticket.span, ticket.request, usage=usage, cost_micros=cost, estimated_micros=ticket.reserved_micros,
@@ -423,7 +433,22 @@ class Guard:
             except Exception:
                 log.exception("a tokenbudget event listener failed; the call is unaffected")
 
+    def _settle_deferred(self) -> None:
+        with self._deferred_lock:
+            pending, self._deferred = self._deferred, []
+        for i, (reservation, micros, tokens, event, at) in enumerate(pending):
+            try:
+                self.ledger.settle(reservation, micros, tokens, event, now=at)
+            except Exception as exc:
+                with self._deferred_lock:
+                    self._deferred[:0] = pending[i:]
+                log.warning("tokenbudget still cannot settle %d call(s) in the ledger %s: %s", len(pending) - i,
+                            self.ledger.url, exc)
+                return
+
     def close(self) -> None:
+        if self._deferred:
+            self._settle_deferred()
         self.ledger.close()
 
 

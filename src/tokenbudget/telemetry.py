@@ -6,6 +6,7 @@ instruments, so nothing breaks and nothing is printed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,12 @@ class Telemetry:
                 attrs[server_attributes.SERVER_PORT] = request.server_port
         if self.capture_content:
             attrs.update(_content_attributes(request))
-        return self._tracer.start_span(f"{request.operation} {request.model}", kind=SpanKind.CLIENT, attributes=attrs)
+        try:
+            return self._tracer.start_span(f"{request.operation} {request.model}", kind=SpanKind.CLIENT,
+                                           attributes=attrs)
+        except Exception:  # a broken span processor must not break the call: go on without a span
+            logging.getLogger("tokenbudget").exception("tokenbudget could not start a span")
+            return trace.INVALID_SPAN
 
     def finish(
         self,
@@ -158,6 +164,12 @@ class Telemetry:
 
     def refused(self, span: Span, error: BaseException, *, decision: str, estimated_micros: int) -> None:
         """A call stopped before sending: the span says why, and nothing was charged."""
+        try:
+            self._refused(span, error, decision=decision, estimated_micros=estimated_micros)
+        except Exception:  # a broken span processor must not replace the caller's error with its own
+            logging.getLogger("tokenbudget").exception("tokenbudget could not finish a span")
+
+    def _refused(self, span: Span, error: BaseException, *, decision: str, estimated_micros: int) -> None:
         if span.is_recording():
             span.set_attributes(
                 {

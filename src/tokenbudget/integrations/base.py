@@ -62,7 +62,8 @@ def classify_exception(exc: BaseException) -> str:
                 return "unsent"
             cause = cause.__cause__ or cause.__context__
         return "abandoned"
-    if names & {"APITimeoutError", "KeyboardInterrupt", "CancelledError", "APIResponseValidationError", "SystemExit"}:
+    if names & {"APITimeoutError", "KeyboardInterrupt", "CancelledError", "APIResponseValidationError", "SystemExit",
+                "JSONDecodeError"}:  # JSONDecodeError: a 200 whose body could not be read, so it was sent and billed
         return "abandoned"
     return "unsent"
 
