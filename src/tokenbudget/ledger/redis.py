@@ -1,0 +1,1038 @@
+"""A ledger in Redis, shared by every process on every machine of a fleet.
+
+Why it is exact, and what it costs:
+
+* Reserve and settle are each ONE Lua script (``register_script``: EVALSHA, reloaded automatically after a server
+  restart or failover). Redis runs a script to completion before any other command, so "does it fit under every
+  enforced allowance?" and "hold it on all of them" are one step: all or none, whatever the interleaving of
+  processes and machines. The client never reads, computes and writes back.
+* Every key lives under one hash tag, ``{<key_prefix>}``. A reservation touches several budget accounts (org,
+  team, user, function...) plus the holds and the lease index, and the reserve script also sweeps expired holds of
+  *any* account. Redis Cluster runs a script only if every key it touches is in one slot, so the only way to make
+  cross-scope reservations atomic on a cluster is to put the whole ledger in one slot. The trade-off: one prefix is
+  served by one primary (sharding does not spread it). A primary does ~100k such scripts a second, far more than a
+  fleet makes LLM calls; tenants that need more can use separate prefixes, each its own slot.
+* A hold is a field in one hash plus its expiry in a sorted set scored by ``expires_at``. The reserve script gives
+  back every hold whose lease ended (at the ``now`` the caller passed, so fake clocks work), so a machine that dies
+  mid-call blocks its budget only until its lease ends. Reads (balance, active reservations) never sweep: they
+  subtract ended holds instead, so a report run with ``--now`` in the future cannot release live holds.
+* Settle is idempotent through a per-reservation marker key (TTL: the rest of the lease plus ``settled_ttl``), set
+  in the same script that drops the hold, charges the accounts and appends the event to a Stream. Reserve is
+  idempotent by reservation id too, so the one retry redis-py makes on a dropped connection cannot hold twice.
+* Windowed accounts carry ``EXPIREAT window_end + window_grace``: yesterday's budget disappears by itself. Totals
+  persist. Events are a Stream capped at about ``events_maxlen`` entries.
+
+When Redis is unreachable or slow (every call is bounded by ``connect_timeout``/``socket_timeout`` and at most one
+retry), ``on_error`` decides: ``"closed"`` refuses reservations with :class:`~tokenbudget.errors.LedgerUnavailable`;
+``"open"`` lets them through with a local reservation. Either way a *settle* that cannot reach Redis is not lost:
+the money was already spent, so the charge and its event go to a local SQLite spool and a background thread
+replays them, exactly once (the settle script's marker), when Redis answers again. After a failure Redis is not
+tried again for a short, growing interval (at most :data:`_MAX_BACKOFF` seconds), so an outage costs each call
+microseconds, not a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+import redis.exceptions
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from ..errors import ConfigError, LedgerError, LedgerUnavailable
+from ..events import CallEvent
+from .base import Allowance, Balance, Grant, Ledger, Refusal, Reservation, effective_limits
+
+__all__ = ["RedisLedger"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+OnError = Literal["closed", "open"]
+
+_MAX_BACKOFF = 2.0
+"""Longest pause (seconds) before Redis is tried again after a failure. Short: under ``closed`` the pause refuses
+calls even if Redis is already back, and the background thread probes meanwhile anyway."""
+_FIRST_BACKOFF = 0.05
+_PAGE = 1000
+_META_CAP = 65_536
+"""Reservations whose account metadata this process remembers (for settles that must recreate an account)."""
+_SECRET_QUERY = ("pass", "auth", "token", "secret")
+
+# -- Lua --------------------------------------------------------------------------------------------------------------
+# Amounts travel as decimal strings and are added with HINCRBY, so spend stays exact 64-bit integers on the server.
+# Comparisons against limits happen in Lua numbers (doubles): exact below 2**53 micro-dollars ($9 billion).
+# A hold is packed as a JSON array of strings: [micros, tokens, expires_at, key1, key2, ...].
+
+_PRELUDE = """
+local function neg(s)
+  if s == '0' then return '0' end
+  if string.sub(s, 1, 1) == '-' then return string.sub(s, 2) end
+  return '-' .. s
+end
+local function drop_hold(packed, acct_prefix)
+  local h = cjson.decode(packed)
+  for j = 4, #h do
+    local acct = acct_prefix .. h[j]
+    if redis.call('EXISTS', acct) == 1 then
+      redis.call('HINCRBY', acct, 'rm', neg(h[1]))
+      redis.call('HINCRBY', acct, 'rt', neg(h[2]))
+    end
+  end
+end
+local function granted(gkey, now_s, now)
+  local gm, gt = 0, 0
+  for _, row in ipairs(redis.call('ZRANGEBYSCORE', gkey, '(' .. now_s, '+inf')) do
+    local m, t, created = string.match(row, '^[^|]*|([^|]*)|([^|]*)|(.*)$')
+    if tonumber(created) <= now then
+      gm = gm + tonumber(m)
+      gt = gt + tonumber(t)
+    end
+  end
+  return gm, gt
+end
+"""
+
+_RESERVE = (
+    _PRELUDE
+    + """
+-- KEYS: 1 holds hash, 2 lease zset, 3 settled marker of this reservation,
+--       3+i account of allowance i, 3+n+i grants zset of allowance i's scope
+-- ARGV: 1 account key prefix, 2 now, 3 reservation id, 4 micros, 5 tokens, 6 expires_at, 7 packed hold, 8 n,
+--       then per allowance at b = 8+5(i-1): b+1 scope, b+2 limit micros, b+3 limit tokens ('' = none),
+--       b+4 enforce ('1'/'0'), b+5 EXPIREAT of a new account ('' = never)
+local holds, lease, rid = KEYS[1], KEYS[2], ARGV[3]
+if redis.call('HEXISTS', holds, rid) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+  return {1}  -- a retry of a reserve that already ran
+end
+local now_s = ARGV[2]
+local now = tonumber(now_s)
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', lease, '-inf', now_s)) do
+  local packed = redis.call('HGET', holds, old)
+  if packed then
+    drop_hold(packed, ARGV[1])
+    redis.call('HDEL', holds, old)
+  end
+  redis.call('ZREM', lease, old)
+end
+local micros, tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = tonumber(ARGV[8])
+for i = 1, n do
+  local b = 8 + 5 * (i - 1)
+  if ARGV[b + 4] == '1' then
+    local lm, lt = ARGV[b + 2], ARGV[b + 3]
+    local a = redis.call('HMGET', KEYS[3 + i], 'sm', 'rm', 'st', 'rt')
+    local gm, gt = granted(KEYS[3 + n + i], now_s, now)
+    local sm, rm = tonumber(a[1]) or 0, tonumber(a[2]) or 0
+    local st, rt = tonumber(a[3]) or 0, tonumber(a[4]) or 0
+    if (lm ~= '' and sm + rm + micros > tonumber(lm) + gm) or (lt ~= '' and st + rt + tokens > tonumber(lt) + gt) then
+      return {0, i, a[1] or '0', a[2] or '0', a[3] or '0', a[4] or '0', gm, gt}
+    end
+  end
+end
+for i = 1, n do
+  local b = 8 + 5 * (i - 1)
+  local k = KEYS[3 + i]
+  if redis.call('HSETNX', k, 'scope', ARGV[b + 1]) == 1 and ARGV[b + 5] ~= '' then
+    redis.call('EXPIREAT', k, ARGV[b + 5])
+  end
+  redis.call('HINCRBY', k, 'rm', ARGV[4])
+  redis.call('HINCRBY', k, 'rt', ARGV[5])
+end
+redis.call('HSET', holds, rid, ARGV[7])
+redis.call('ZADD', lease, ARGV[6], rid)
+return {1}
+"""
+)
+
+_SETTLE = (
+    _PRELUDE
+    + """
+-- KEYS: 1 holds hash, 2 lease zset, 3 settled marker, 4 events stream, 4+i account of the reservation's key i
+-- ARGV: 1 account key prefix, 2 reservation id, 3 micros, 4 tokens, 5 marker TTL (s), 6 event JSON ('' = none),
+--       7 events maxlen, 8 n, then per key at b = 8+2(i-1): b+1 scope, b+2 EXPIREAT ('' = unknown / never);
+--       a known scope lets a charge recreate an account Redis lost (restart without persistence, expiry)
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local rid = ARGV[2]
+local packed = redis.call('HGET', KEYS[1], rid)
+if packed then
+  drop_hold(packed, ARGV[1])
+  redis.call('HDEL', KEYS[1], rid)
+  redis.call('ZREM', KEYS[2], rid)
+end
+if ARGV[3] ~= '0' or ARGV[4] ~= '0' then
+  local n = tonumber(ARGV[8])
+  for i = 1, n do
+    local k = KEYS[4 + i]
+    local b = 8 + 2 * (i - 1)
+    local live = redis.call('EXISTS', k) == 1
+    if not live and ARGV[b + 1] ~= '' then
+      redis.call('HSET', k, 'scope', ARGV[b + 1])
+      if ARGV[b + 2] ~= '' then redis.call('EXPIREAT', k, ARGV[b + 2]) end
+      live = true
+    end
+    if live then
+      redis.call('HINCRBY', k, 'sm', ARGV[3])
+      redis.call('HINCRBY', k, 'st', ARGV[4])
+    end
+  end
+end
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[5])
+if ARGV[6] ~= '' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[6])
+end
+return 1
+"""
+)
+
+_BALANCE = (
+    _PRELUDE
+    + """
+-- KEYS: 1 holds hash, 2 lease zset, 3 account, 4 grants zset of its scope.  ARGV: 1 now, 2 allowance key.
+-- Read-only: holds past their lease are subtracted, not swept.
+local a = redis.call('HMGET', KEYS[3], 'sm', 'rm', 'st', 'rt')
+local rm, rt = tonumber(a[2]) or 0, tonumber(a[4]) or 0
+if a[2] then
+  for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])) do
+    local packed = redis.call('HGET', KEYS[1], rid)
+    if packed then
+      local h = cjson.decode(packed)
+      for j = 4, #h do
+        if h[j] == ARGV[2] then
+          rm = rm - tonumber(h[1])
+          rt = rt - tonumber(h[2])
+        end
+      end
+    end
+  end
+end
+local gm, gt = granted(KEYS[4], ARGV[1], tonumber(ARGV[1]))
+return {a[1] or '0', rm, a[3] or '0', rt, gm, gt}
+"""
+)
+
+_ACTIVE = """
+-- KEYS: 1 holds hash, 2 lease zset.  ARGV: 1 now.  Holds whose lease has not ended, as id, packed, id, packed...
+local out = {}
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')) do
+  local packed = redis.call('HGET', KEYS[1], rid)
+  if packed then
+    out[#out + 1] = rid
+    out[#out + 1] = packed
+  end
+end
+return out
+"""
+
+_GRANT = """
+-- KEYS: 1 grant sequence, 2 grants list (for listing), 3 grants zset of the scope (scored by expiry, for reserve)
+-- ARGV: 1 grant JSON, 2 micros, 3 tokens, 4 created_at, 5 expiry score ('+inf' = never)
+local seq = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[3], ARGV[5], seq .. '|' .. ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return seq
+"""
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------------
+def _new_id() -> str:
+    return os.urandom(16).hex()
+
+
+def _num(x: float) -> str:
+    """Exact decimal text of a time: ``repr`` of a float round-trips, so Redis compares what Python compared."""
+    return repr(float(x))
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _unpack_hold(rid: Any, packed: Any) -> Reservation:
+    h = json.loads(packed)
+    return Reservation(_text(rid), tuple(h[3:]), int(h[0]), int(h[1]), float(h[2]))
+
+
+def _default_spool_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("tokenbudget")) / "spool.db"
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a URL points, split into what redis-py needs and what may be shown to people."""
+
+    redis_url: str
+    redacted: str
+    prefix: str | None
+    password: str | None
+
+
+def _parse_url(url: str) -> _Target:
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("redis", "rediss"):
+        raise ConfigError(
+            f"expected redis://HOST[:PORT][/DB] or rediss://..., got scheme {parts.scheme!r}", key="ledger"
+        )
+    prefix: str | None = None
+    kept: list[tuple[str, str]] = []
+    shown: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "key_prefix":
+            prefix = value
+            continue
+        kept.append((name, value))
+        shown.append((name, "***" if any(s in name.lower() for s in _SECRET_QUERY) else value))
+    netloc = parts.netloc
+    shown_netloc = netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        if ":" in userinfo:
+            shown_netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    password = unquote(parts.password) if parts.password else None
+    redis_url = urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), ""))
+    if prefix is not None:
+        shown.append(("key_prefix", prefix))
+    redacted = urlunsplit((parts.scheme, shown_netloc, parts.path, urlencode(shown, safe="*{}:"), ""))
+    return _Target(redis_url, redacted, prefix, password)
+
+
+_TRANSIENT_REPLIES = ("OOM", "MISCONF", "READONLY", "LOADING", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN",
+                      "NOREPLICAS")  # fmt: skip
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "Redis cannot answer now" (fail over to the spool) rather than "this is wrong"."""
+    if isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)):
+        return False  # a wrong password or ACL is a configuration error: failing open would hide it
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError)):
+        return True
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return str(exc).split(" ", 1)[0].upper() in _TRANSIENT_REPLIES or isinstance(
+            exc, (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError, redis.exceptions.TryAgainError)
+        )
+    return False
+
+
+# -- spool ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Spooled:
+    seq: int
+    rid: str
+    keys: list[str]
+    meta: list[list[str]]
+    micros: int
+    tokens: int
+    expires_at: float
+    event: str | None
+
+
+class _Spool:
+    """Charges and events Redis could not take, in a local SQLite file, until a replay pushes them.
+
+    One table for every Redis ledger of this user, keyed by ``target`` (redacted URL and prefix) so a replay only
+    pushes rows to the Redis they were meant for. A connection per operation: this runs only during outages.
+    """
+
+    _SCHEMA = """CREATE TABLE IF NOT EXISTS spool (
+        seq INTEGER PRIMARY KEY,
+        target TEXT NOT NULL,
+        rid TEXT NOT NULL,
+        keys TEXT NOT NULL,
+        meta TEXT NOT NULL,
+        micros INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        expires_at REAL NOT NULL,
+        event TEXT,
+        created_at REAL NOT NULL,
+        UNIQUE (target, rid)
+    )"""
+
+    def __init__(self, path: Path, target: str) -> None:
+        self.path = path
+        self.target = target
+        self._lock = threading.Lock()
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.path.exists():
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                os.close(fd)
+            conn = sqlite3.connect(str(self.path), timeout=5.0, isolation_level=None)
+            conn.execute(self._SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerUnavailable(
+                f"Redis is unreachable and the local spool {self.path} cannot be written either ({exc}): this "
+                "charge could not be kept. Check that directory's permissions and free space, or set spool_path"
+            ) from exc
+        return conn
+
+    def add(self, rid: str, keys: Sequence[str], meta: Sequence[Sequence[str]], micros: int, tokens: int,
+            expires_at: float, event: str | None) -> bool:  # fmt: skip
+        with self._lock:
+            conn = self._connect()
+            try:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO spool (target, rid, keys, meta, micros, tokens, expires_at, event, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (self.target, rid, _dumps(list(keys)), _dumps([list(m) for m in meta]), micros, tokens,
+                     expires_at, event, time.time()),
+                )  # fmt: skip
+                return cur.rowcount == 1
+            except sqlite3.Error as exc:
+                raise LedgerUnavailable(f"Redis is unreachable and the local spool {self.path} failed: {exc}") from exc
+            finally:
+                conn.close()
+
+    def batch(self, limit: int) -> list[_Spooled]:
+        if not self.exists():
+            return []
+        with self._lock:
+            conn = self._connect()
+            try:
+                rows = conn.execute(
+                    "SELECT seq, rid, keys, meta, micros, tokens, expires_at, event FROM spool WHERE target = ? "
+                    "ORDER BY seq LIMIT ?",
+                    (self.target, limit),
+                ).fetchall()
+            finally:
+                conn.close()
+        return [_Spooled(s, r, json.loads(k), json.loads(m), mi, t, e, ev) for s, r, k, m, mi, t, e, ev in rows]
+
+    def delete(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+        with self._lock:
+            conn = self._connect()
+            try:
+                conn.execute(f"DELETE FROM spool WHERE seq IN ({', '.join('?' * len(seqs))})", list(seqs))
+            finally:
+                conn.close()
+
+    def count(self) -> int:
+        if not self.exists():
+            return 0
+        with self._lock:
+            conn = self._connect()
+            try:
+                return int(conn.execute("SELECT COUNT(*) FROM spool WHERE target = ?", (self.target,)).fetchone()[0])
+            finally:
+                conn.close()
+
+
+# -- the ledger -------------------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _AsyncSide:
+    """A redis.asyncio client and its scripts, bound to one event loop (asyncio connections cannot change loops)."""
+
+    client: redis.asyncio.Redis
+    reserve: Any
+    settle: Any
+    balance: Any
+
+
+class RedisLedger(Ledger):
+    """The fleet ledger: every machine pointed at one Redis shares every budget, exactly.
+
+    ``url`` is ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` or ``rediss://`` for TLS; query options go to
+    redis-py (``?ssl_cert_reqs=none``...), except ``key_prefix``, which overrides the argument so one URL setting
+    can name a tenant. Credentials missing from the URL come from ``TOKENBUDGET_REDIS_USERNAME`` /
+    ``TOKENBUDGET_REDIS_PASSWORD``. ``self.url`` has the password replaced by ``***``: it appears in messages.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "tokenbudget",
+        socket_timeout: float = 0.5,
+        connect_timeout: float = 0.5,
+        events_maxlen: int = 1_000_000,
+        spool_path: str | os.PathLike[str] | None = None,
+        on_error: OnError | str = "closed",
+        max_connections: int = 64,
+        window_grace: float = 7 * 86_400.0,
+        settled_ttl: float = 86_400.0,
+    ) -> None:
+        target = _parse_url(url)
+        prefix = target.prefix if target.prefix is not None else key_prefix
+        if not prefix or any(c in prefix for c in "{}"):
+            raise ConfigError(f"key_prefix must be non-empty and without braces, got {prefix!r}", key="ledger")
+        if on_error not in ("closed", "open"):
+            raise ConfigError(f"on_error must be 'closed' or 'open', got {on_error!r}", key="on_ledger_error")
+        for name, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
+            if not value > 0:
+                raise ConfigError(f"{name} must be > 0 seconds (an unbounded wait could hang every call)")
+        if events_maxlen < 1 or max_connections < 1 or window_grace < 0 or settled_ttl <= 0:
+            raise ConfigError("events_maxlen and max_connections must be >= 1, window_grace >= 0, settled_ttl > 0")
+        self.url = target.redacted
+        self.key_prefix = prefix
+        self.on_error: OnError = "open" if on_error == "open" else "closed"
+        self.socket_timeout = float(socket_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.events_maxlen = int(events_maxlen)
+        self.window_grace = float(window_grace)
+        self.settled_ttl = float(settled_ttl)
+        self._password = target.password or os.environ.get("TOKENBUDGET_REDIS_PASSWORD") or None
+
+        tag = "{" + prefix + "}:"
+        self._tag = tag
+        self._acct = tag + "acct:"
+        self._holds = tag + "holds"
+        self._lease = tag + "lease"
+        self._done = tag + "done:"
+        self._events = tag + "events"
+        self._grants = tag + "grants"
+        self._grant_seq = tag + "grant_seq"
+        self._scope_grants = tag + "gscope:"
+
+        self._redis_url = target.redis_url
+        self._pool_kwargs: dict[str, Any] = {
+            "max_connections": max_connections,
+            "timeout": self.connect_timeout + self.socket_timeout,  # wait for a free pooled connection
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.connect_timeout,
+            "client_name": "tokenbudget",
+        }
+        user = os.environ.get("TOKENBUDGET_REDIS_USERNAME")
+        password = os.environ.get("TOKENBUDGET_REDIS_PASSWORD")
+        if user:
+            self._pool_kwargs["username"] = user  # the URL's own credentials win (redis-py applies them last)
+        if password:
+            self._pool_kwargs["password"] = password
+        # One retry, after a short pause: enough to replace a pooled connection Redis closed (restart, idle
+        # timeout), bounded so a dead server costs a caller at most ~2 x (connect + socket timeout).
+        self._pool = redis.BlockingConnectionPool.from_url(
+            self._redis_url, retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 1), **self._pool_kwargs
+        )
+        self._client = redis.Redis(connection_pool=self._pool)
+        self._reserve_script = self._client.register_script(_RESERVE)
+        self._settle_script = self._client.register_script(_SETTLE)
+        self._balance_script = self._client.register_script(_BALANCE)
+        self._active_script = self._client.register_script(_ACTIVE)
+        self._grant_script = self._client.register_script(_GRANT)
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncSide] = weakref.WeakKeyDictionary()
+        self._async_lock = threading.Lock()
+
+        self._meta: OrderedDict[str, list[list[str]]] = OrderedDict()
+        self._meta_lock = threading.Lock()
+
+        self._spool = _Spool(
+            Path(os.path.abspath(os.path.expanduser(os.fspath(spool_path)))) if spool_path else _default_spool_path(),
+            f"{self.url}#{prefix}",
+        )
+        self._state_lock = threading.Lock()
+        self._replay_lock = threading.Lock()
+        self._failures = 0
+        self._down_until = 0.0
+        self._last_error = ""
+        self._spool_dirty = self._spool.exists()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        if self._spool_dirty:
+            self._ensure_worker()  # charges a previous process could not push
+
+    def __repr__(self) -> str:
+        return f"RedisLedger({self.url!r}, key_prefix={self.key_prefix!r}, on_error={self.on_error!r})"
+
+    # -- availability ------------------------------------------------------------------------------------------------
+    def _redact(self, text: str) -> str:
+        return text.replace(self._password, "***") if self._password else text
+
+    def _fail(self, exc: BaseException, doing: str) -> LedgerError:
+        """Translate a redis-py error; an unavailability also opens the breaker so the next calls fail fast."""
+        detail = self._redact(f"{type(exc).__name__}: {exc}")
+        if not _unavailable(exc):
+            if isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)):
+                return LedgerError(
+                    f"Redis ledger {self.url}: {doing} was refused ({detail}). Check the username and password (in "
+                    "the URL or TOKENBUDGET_REDIS_USERNAME / TOKENBUDGET_REDIS_PASSWORD) and that the user's ACL "
+                    "allows EVALSHA, SCRIPT LOAD, XADD, XRANGE, HMGET, LRANGE and SCAN on the ledger's keys"
+                )
+            return LedgerError(f"Redis ledger {self.url}: {doing} failed: {detail}")
+        with self._state_lock:
+            self._failures += 1
+            first = self._failures == 1
+            self._down_until = time.monotonic() + min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (self._failures - 1))
+            self._last_error = detail
+        if first:
+            log.warning(
+                "Redis ledger %s is unavailable (%s while %s); on_ledger_error=%s: %s", self.url, detail, doing,
+                self.on_error,
+                "calls go through and charges are spooled locally" if self.on_error == "open" else
+                "calls are refused until it answers; charges of calls already made are spooled locally",
+            )  # fmt: skip
+        return LedgerUnavailable(
+            f"Redis ledger {self.url} is unavailable: {doing} failed ({detail}). With on_ledger_error = "
+            '"closed" calls are refused until Redis answers; nothing was reserved (a reserve that timed out may '
+            "hold its amount until its lease ends). Check the server, the network and the URL, or set "
+            'on_ledger_error = "open" to let calls through and spool their charges'
+        )
+
+    def _check_breaker(self, doing: str) -> None:
+        if time.monotonic() < self._down_until:
+            raise LedgerUnavailable(
+                f"Redis ledger {self.url} is unavailable: {doing} not attempted, it failed moments ago "
+                f"({self._last_error}); it is retried within {_MAX_BACKOFF:g}s"
+            )
+
+    def _healthy(self) -> None:
+        if self._failures or self._spool_dirty:
+            with self._state_lock:
+                if self._failures:
+                    log.info("Redis ledger %s answers again", self.url)
+                self._failures = 0
+                self._down_until = 0.0
+            if self._spool_dirty:
+                self._ensure_worker()
+
+    def _run(self, doing: str, call: Callable[[], _T], *, probe: bool = False) -> _T:
+        if not probe:
+            self._check_breaker(doing)
+        try:
+            out = call()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self._fail(exc, doing) from exc
+        self._healthy()
+        return out
+
+    async def _arun(self, doing: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        self._check_breaker(doing)
+        try:
+            out = await call()
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            raise self._fail(exc, doing) from exc
+        self._healthy()
+        return out
+
+    # -- argument building (shared by the sync and async paths) -----------------------------------------------------
+    def _expireat(self, window_end: float | None) -> str:
+        if window_end is None:
+            return ""
+        # Never in the past: a clock behind the server's (or a test's fake clock) must not delete a live account.
+        return str(math.ceil(max(float(window_end), time.time()) + self.window_grace))
+
+    def _reserve_call(
+        self, allowances: Sequence[Allowance], micros: int, tokens: int, lease_seconds: float, now: float
+    ) -> tuple[Reservation, list[str], list[Any], list[list[str]]]:
+        micros, tokens = int(micros), int(tokens)
+        res = Reservation(_new_id(), tuple(a.key for a in allowances), micros, tokens, now + lease_seconds)
+        keys = [self._holds, self._lease, self._done + res.id]
+        keys += [self._acct + a.key for a in allowances]
+        keys += [self._scope_grants + a.scope for a in allowances]
+        packed = _dumps([str(micros), str(tokens), _num(res.expires_at), *res.keys])
+        args: list[Any] = [self._acct, _num(now), res.id, str(micros), str(tokens), _num(res.expires_at), packed,
+                           len(allowances)]  # fmt: skip
+        meta: list[list[str]] = []
+        for a in allowances:
+            exp = self._expireat(a.window_end)
+            meta.append([a.scope, exp])
+            args += [
+                a.scope,
+                "" if a.limit_micros is None else str(int(a.limit_micros)),
+                "" if a.limit_tokens is None else str(int(a.limit_tokens)),
+                "1" if a.enforce else "0",
+                exp,
+            ]
+        return res, keys, args, meta
+
+    def _reserve_result(
+        self, out: Any, res: Reservation, allowances: Sequence[Allowance], meta: list[list[str]]
+    ) -> Reservation | Refusal:
+        if int(out[0]) == 1:
+            with self._meta_lock:
+                self._meta[res.id] = meta
+                if len(self._meta) > _META_CAP:
+                    self._meta.popitem(last=False)
+            return res
+        a = allowances[int(out[1]) - 1]
+        gm, gt = int(out[6]), int(out[7])
+        lm, lt = effective_limits(a, gm, gt)
+        bal = Balance(a.key, a.scope, lm, lt, int(out[2]), int(out[3]), int(out[4]), int(out[5]), gm, gt)
+        return Refusal(a, bal, res.micros, res.tokens)
+
+    def _local_reservation(self, res: Reservation, meta: list[list[str]]) -> Reservation:
+        """``on_error = "open"``: a reservation Redis never saw; its settle charges the accounts by their metadata."""
+        with self._meta_lock:
+            self._meta[res.id] = meta
+            if len(self._meta) > _META_CAP:
+                self._meta.popitem(last=False)
+        return res
+
+    def _meta_of(self, reservation: Reservation) -> list[list[str]]:
+        with self._meta_lock:
+            meta = self._meta.get(reservation.id)
+        if meta is None or len(meta) != len(reservation.keys):
+            return [["", ""] for _ in reservation.keys]
+        return meta
+
+    def _forget(self, rid: str) -> None:
+        with self._meta_lock:
+            self._meta.pop(rid, None)
+
+    def _settle_call(
+        self, rid: str, keys: Sequence[str], meta: Sequence[Sequence[str]], micros: int, tokens: int,
+        expires_at: float, event: str | None, now: float,
+    ) -> tuple[list[str], list[Any]]:  # fmt: skip
+        ttl = math.ceil(max(float(expires_at) - float(now), 0.0) + self.settled_ttl)
+        redis_keys = [self._holds, self._lease, self._done + rid, self._events, *(self._acct + k for k in keys)]
+        args: list[Any] = [self._acct, rid, str(int(micros)), str(int(tokens)), str(ttl), event or "",
+                           str(self.events_maxlen), len(keys)]  # fmt: skip
+        for scope, exp in meta:
+            args += [scope, exp]
+        return redis_keys, args
+
+    def _balance_call(self, allowance: Allowance, now: float) -> tuple[list[str], list[Any]]:
+        keys = [self._holds, self._lease, self._acct + allowance.key, self._scope_grants + allowance.scope]
+        return keys, [_num(now), allowance.key]
+
+    @staticmethod
+    def _balance_result(out: Any, allowance: Allowance) -> Balance:
+        gm, gt = int(out[4]), int(out[5])
+        lm, lt = effective_limits(allowance, gm, gt)
+        return Balance(allowance.key, allowance.scope, lm, lt, int(out[0]), int(out[1]), int(out[2]), int(out[3]),
+                       gm, gt)  # fmt: skip
+
+    # -- spool ------------------------------------------------------------------------------------------------------
+    def _spool_settle(self, reservation: Reservation, meta: Sequence[Sequence[str]], micros: int, tokens: int,
+                      event: str | None) -> bool:  # fmt: skip
+        added = self._spool.add(reservation.id, reservation.keys, meta, micros, tokens, reservation.expires_at, event)
+        with self._state_lock:
+            self._spool_dirty = True
+        self._ensure_worker()
+        return added
+
+    def _ensure_worker(self) -> None:
+        with self._state_lock:
+            if self._worker is not None and self._worker.is_alive():
+                return
+            self._stop.clear()
+            self._worker = threading.Thread(target=self._work, name="tokenbudget-redis-spool", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        """Replay the spool once Redis answers, probing with the breaker's backoff; exit when the spool is empty."""
+        while not self._stop.is_set():
+            wait = self._down_until - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            try:
+                self._replay(stop=self._stop)
+            except LedgerUnavailable:
+                if self._down_until <= time.monotonic():  # e.g. the spool itself failed: do not spin
+                    self._stop.wait(_MAX_BACKOFF)
+                continue
+            except Exception:  # pragma: no cover - a bug must not kill the thread silently
+                log.exception("tokenbudget could not replay its Redis spool %s", self._spool.path)
+                self._stop.wait(_MAX_BACKOFF)
+                continue
+            with self._state_lock:
+                # Under the lock: a settle that spools after this check starts a new worker (see _spool_settle).
+                if self._spool.count() == 0:
+                    self._spool_dirty = False
+                    self._worker = None
+                    return
+
+    def _replay(self, stop: threading.Event | None = None) -> int:
+        with self._replay_lock:
+            self._run("replaying the spool", self._client.ping, probe=True)
+            pushed = 0
+            while stop is None or not stop.is_set():
+                rows = self._spool.batch(200)
+                if not rows:
+                    break
+                done: list[int] = []
+                try:
+                    for row in rows:
+                        keys, args = self._settle_call(row.rid, row.keys, row.meta, row.micros, row.tokens,
+                                                       row.expires_at, row.event, time.time())  # fmt: skip
+                        self._run("replaying the spool", functools.partial(self._settle_script, keys, args), probe=True)
+                        done.append(row.seq)
+                        pushed += 1
+                finally:
+                    self._spool.delete(done)
+            if pushed:
+                log.info("Redis ledger %s: replayed %d spooled charge(s)", self.url, pushed)
+            return pushed
+
+    def replay_spool(self) -> int:
+        """Push spooled charges to Redis now (the background thread does this by itself); returns how many.
+
+        Safe to call any number of times, from any process: the settle script charges each reservation once.
+        Raises :class:`LedgerUnavailable` if Redis still does not answer.
+        """
+        return self._replay()
+
+    def spooled(self) -> int:
+        """Charges and events waiting in the local spool for this Redis ledger."""
+        return self._spool.count()
+
+    @property
+    def spool_path(self) -> Path:
+        return self._spool.path
+
+    # -- Ledger ----------------------------------------------------------------------------------------------------
+    def reserve(
+        self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
+    ) -> Reservation | Refusal:
+        res, keys, args, meta = self._reserve_call(allowances, micros, tokens, lease_seconds, now)
+        try:
+            out = self._run("reserve", lambda: self._reserve_script(keys, args))
+        except LedgerUnavailable:
+            if self.on_error == "open":
+                return self._local_reservation(res, meta)
+            raise
+        return self._reserve_result(out, res, allowances, meta)
+
+    def settle(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
+    ) -> bool:
+        meta = self._meta_of(reservation)
+        payload = None if event is None else event.to_json()
+        keys, args = self._settle_call(reservation.id, reservation.keys, meta, micros, tokens, reservation.expires_at,
+                                       payload, now)  # fmt: skip
+        try:
+            out = self._run("settle", lambda: self._settle_script(keys, args))
+        except LedgerUnavailable:
+            # The call already happened: keep its charge locally whatever on_error says, and replay it later.
+            done = self._spool_settle(reservation, meta, micros, tokens, payload)
+        else:
+            done = int(out) == 1
+        self._forget(reservation.id)
+        return done
+
+    def balance(self, allowance: Allowance, *, now: float) -> Balance:
+        keys, args = self._balance_call(allowance, now)
+        try:
+            out = self._run("reading a balance", lambda: self._balance_script(keys, args))
+        except LedgerUnavailable:
+            if self.on_error == "open":
+                # Failing open: spend is unknown, so report none rather than refuse the call it is asked for.
+                return Balance(allowance.key, allowance.scope, allowance.limit_micros, allowance.limit_tokens)
+            raise
+        return self._balance_result(out, allowance)
+
+    def record(self, event: CallEvent) -> None:
+        rid = "rec:" + _new_id()  # a marker, so the retry of a record whose reply was lost cannot add it twice
+        payload = event.to_json()
+        keys, args = self._settle_call(rid, (), (), 0, 0, 0.0, payload, 0.0)
+        try:
+            self._run("recording an event", lambda: self._settle_script(keys, args))
+        except LedgerUnavailable:
+            self._spool_settle(Reservation(rid, (), 0, 0, 0.0), (), 0, 0, payload)
+
+    def events(self, since: float | None = None, until: float | None = None) -> Iterator[CallEvent]:
+        """Stream order is arrival order; events are sorted by their own time (stable for equal times)."""
+        lo = float("-inf") if since is None else float(since)
+        hi = float("inf") if until is None else float(until)
+        out: list[CallEvent] = []
+        start: str | bytes = "-"
+        while True:
+            page: list[Any] = self._run("reading events", functools.partial(self._xrange, start))
+            for _sid, fields in page:
+                ev = CallEvent.from_json(_text(fields[b"e"]))
+                if lo <= ev.time < hi:
+                    out.append(ev)
+            if len(page) < _PAGE:
+                break
+            start = b"(" + page[-1][0]
+        out.sort(key=lambda e: e.time)
+        return iter(out)
+
+    def _xrange(self, start: str | bytes) -> list[Any]:
+        return list(self._client.xrange(self._events, start, "+", count=_PAGE) or ())
+
+    def grant(self, grant: Grant) -> None:
+        row = [grant.id, grant.scope, int(grant.micros), int(grant.tokens), grant.created_at, grant.expires_at,
+               grant.reason, grant.granted_by]  # fmt: skip
+        keys = [self._grant_seq, self._grants, self._scope_grants + grant.scope]
+        args = [_dumps(row), str(int(grant.micros)), str(int(grant.tokens)), _num(grant.created_at),
+                "+inf" if grant.expires_at is None else _num(grant.expires_at)]  # fmt: skip
+        self._run("recording a grant", lambda: self._grant_script(keys, args))
+
+    def grants(self, *, now: float | None = None) -> list[Grant]:
+        rows: list[Any] = self._run("reading grants", lambda: self._client.lrange(self._grants, 0, -1))
+        out = [Grant(*json.loads(r)) for r in rows]
+        if now is None:
+            return out
+        return [g for g in out if g.created_at <= now and (g.expires_at is None or g.expires_at > now)]
+
+    def active_reservations(self, *, now: float) -> list[Reservation]:
+        flat: list[Any] = self._run(
+            "reading reservations", lambda: self._active_script([self._holds, self._lease], [_num(now)])
+        )
+        return [_unpack_hold(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    def accounts(self) -> list[Balance]:
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self._acct) + "*"
+
+        def scan() -> list[Balance]:
+            names = sorted(set(self._client.scan_iter(match=pattern, count=1000)))
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(name, "scope", "sm", "rm", "st", "rt")
+            out = []
+            for name, (scope, sm, rm, st, rt) in zip(names, pipe.execute(), strict=True):
+                if scope is None:  # expired between SCAN and HMGET
+                    continue
+                key = _text(name)[len(self._acct) :]
+                out.append(Balance(key, _text(scope), None, None, int(sm or 0), int(rm or 0), int(st or 0),
+                                   int(rt or 0)))  # fmt: skip
+            return out
+
+        return self._run("listing accounts", scan)
+
+    def close(self) -> None:
+        """Stop the spool thread (a pending spool is replayed by the next process) and drop connections."""
+        self._stop.set()
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=self.connect_timeout + self.socket_timeout + 1.0)
+        self._pool.disconnect()
+        self._close_async()
+
+    # -- async ------------------------------------------------------------------------------------------------------
+    def _async_side(self) -> _AsyncSide:
+        loop = asyncio.get_running_loop()
+        side = self._async.get(loop)
+        if side is None:
+            with self._async_lock:
+                side = self._async.get(loop)
+                if side is None:
+                    pool = redis.asyncio.BlockingConnectionPool.from_url(
+                        self._redis_url,
+                        retry=redis.asyncio.retry.Retry(ExponentialBackoff(cap=0.05, base=0.005), 1),
+                        **self._pool_kwargs,
+                    )
+                    client = redis.asyncio.Redis(connection_pool=pool)
+                    side = _AsyncSide(
+                        client,
+                        client.register_script(_RESERVE),
+                        client.register_script(_SETTLE),
+                        client.register_script(_BALANCE),
+                    )
+                    self._async[loop] = side
+        return side
+
+    async def areserve(
+        self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
+    ) -> Reservation | Refusal:
+        side = self._async_side()
+        res, keys, args, meta = self._reserve_call(allowances, micros, tokens, lease_seconds, now)
+        try:
+            out = await self._arun("reserve", lambda: side.reserve(keys, args))
+        except LedgerUnavailable:
+            if self.on_error == "open":
+                return self._local_reservation(res, meta)
+            raise
+        return self._reserve_result(out, res, allowances, meta)
+
+    async def asettle(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
+    ) -> bool:
+        side = self._async_side()
+        meta = self._meta_of(reservation)
+        payload = None if event is None else event.to_json()
+        keys, args = self._settle_call(reservation.id, reservation.keys, meta, micros, tokens, reservation.expires_at,
+                                       payload, now)  # fmt: skip
+        try:
+            out = await self._arun("settle", lambda: side.settle(keys, args))
+        except LedgerUnavailable:
+            done = await asyncio.to_thread(self._spool_settle, reservation, meta, micros, tokens, payload)
+        else:
+            done = int(out) == 1
+        self._forget(reservation.id)
+        return done
+
+    async def abalance(self, allowance: Allowance, *, now: float) -> Balance:
+        """:meth:`balance` without blocking the event loop (the ABC has no async balance yet)."""
+        side = self._async_side()
+        keys, args = self._balance_call(allowance, now)
+        try:
+            out = await self._arun("reading a balance", lambda: side.balance(keys, args))
+        except LedgerUnavailable:
+            if self.on_error == "open":
+                return Balance(allowance.key, allowance.scope, allowance.limit_micros, allowance.limit_tokens)
+            raise
+        return self._balance_result(out, allowance)
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections properly (``close`` does its best for loops it cannot await on)."""
+        loop = asyncio.get_running_loop()
+        with self._async_lock:
+            side = self._async.pop(loop, None)
+        if side is not None:
+            await side.client.aclose(close_connection_pool=True)
+
+    def _close_async(self) -> None:
+        with self._async_lock:
+            sides = list(self._async.items())
+            self._async.clear()
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, side in sides:
+            closing = side.client.aclose(close_connection_pool=True)
+            try:
+                if loop.is_closed():
+                    closing.close()
+                    _abandon(side.client)
+                elif loop is current:
+                    task = loop.create_task(closing)
+                    _PENDING_CLOSES.add(task)
+                    task.add_done_callback(_PENDING_CLOSES.discard)
+                elif loop.is_running():
+                    asyncio.run_coroutine_threadsafe(closing, loop).result(timeout=self.socket_timeout + 1.0)
+                else:
+                    loop.run_until_complete(closing)
+            except Exception:  # pragma: no cover - best effort: the sockets die with the process anyway
+                log.debug("could not close Redis connections of an event loop", exc_info=True)
+
+
+_PENDING_CLOSES: set[asyncio.Task[None]] = set()
+
+
+def _abandon(client: redis.asyncio.Redis) -> None:
+    """Drop the sockets of a client whose event loop is closed: it can no longer run the coroutine that would."""
+    pool = client.connection_pool
+    conns = list(getattr(pool, "_available_connections", ())) + list(getattr(pool, "_in_use_connections", ()))
+    for conn in conns:
+        writer = getattr(conn, "_writer", None)
+        if writer is None:
+            continue
+        transport = writer.transport
+        sock = getattr(transport, "_sock", None)
+        try:
+            if sock is not None:
+                sock.close()
+        except OSError:
+            pass
+        conn._writer = conn._reader = None

@@ -1,0 +1,885 @@
+"""The Redis ledger against a real redis-server: the shared contract, a fleet of processes racing for one budget,
+dead machines, Redis dying mid-run under both ``on_ledger_error`` choices, and reports identical to SQLite's.
+
+Server: ``TOKENBUDGET_TEST_REDIS_URL`` when set (CI starts one), else a ``redis-server`` this module starts on a free
+port. Tests that stop and restart Redis always start their own. Without a ``redis-server`` binary the tests skip,
+unless ``CI`` is set: there a missing server is a failure, not a silent skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+import tokenbudget
+from ledger_contract import T0, LedgerContract, ledger_machine_test
+from tokenbudget.clock import ManualClock
+from tokenbudget.config import Settings
+from tokenbudget.errors import LedgerError, LedgerUnavailable
+from tokenbudget.events import CallEvent
+from tokenbudget.guard import Guard
+from tokenbudget.ledger import Allowance, Grant, Ledger, MemoryLedger, Refusal, Reservation, open_ledger
+from tokenbudget.ledger.redis import RedisLedger
+from tokenbudget.testing import Reply, StandInServer
+
+pytestmark = pytest.mark.redis
+
+SPAWN = multiprocessing.get_context("spawn")
+REDIS_BIN = shutil.which("redis-server")
+
+
+# -- servers ----------------------------------------------------------------------------------------------------------
+def _need_binary() -> str:
+    if REDIS_BIN is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed, and CI is set: the Redis ledger must be tested in CI")
+        pytest.skip("no redis-server binary (apt-get install redis-server); with CI set this fails instead")
+    return REDIS_BIN
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A redis-server of our own, in its own temp dir, that a test may stop and start again on the same port."""
+
+    def __init__(self, *extra: str, persist: bool = False) -> None:
+        self.binary = _need_binary()
+        self.dir = tempfile.mkdtemp(prefix="tb-redis-")
+        self.port = _free_port()
+        self.extra = extra
+        self.persist = persist
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self.dir,
+                "--appendonly", "yes" if self.persist else "no", "--daemonize", "no", *self.extra]  # fmt: skip
+        if self.persist:
+            args += ["--appendfsync", "always"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5, **self._auth())
+                if client.ping():
+                    client.close()
+                    return self
+            except redis.exceptions.AuthenticationError:
+                return self
+            except redis.exceptions.RedisError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+
+    def _auth(self) -> dict[str, str]:
+        if "--requirepass" in self.extra:
+            return {"password": self.extra[self.extra.index("--requirepass") + 1]}
+        return {}
+
+    def stop(self) -> None:
+        """SIGTERM: with persistence the AOF is complete on disk; without it everything is gone, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_SHARED: list[RedisServer] = []
+
+
+def shared_url() -> str:
+    """The CI server if there is one, else one server for this whole module (started on first use)."""
+    url = os.environ.get("TOKENBUDGET_TEST_REDIS_URL")
+    if url:
+        return url
+    if not _SHARED:
+        server = RedisServer().start()
+        _SHARED.append(server)
+        atexit.register(server.close)
+    return _SHARED[0].url
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_shared_server() -> Iterator[None]:
+    yield
+    while _SHARED:
+        _SHARED.pop().close()
+
+
+def _unique_prefix() -> str:
+    return f"tbtest-{uuid.uuid4().hex[:12]}"
+
+
+def _drop_prefix(url: str, prefix: str) -> None:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        names = list(client.scan_iter(match="{" + prefix + "}*", count=1000))
+        if names:
+            client.delete(*names)
+        client.close()
+    except redis.exceptions.RedisError:  # pragma: no cover - the server may be the one a test stopped
+        pass
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return shared_url()
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    p = _unique_prefix()
+    yield p
+    _drop_prefix(redis_url, p)
+
+
+@pytest.fixture
+def make(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Callable[..., RedisLedger]]:
+    """Ledgers on this test's prefix with a spool in tmp_path (never the user's state dir); closed afterwards."""
+    opened: list[RedisLedger] = []
+
+    def factory(url: str | None = None, **kw: Any) -> RedisLedger:
+        kw.setdefault("key_prefix", prefix)
+        kw.setdefault("spool_path", tmp_path / "spool.db")
+        led = RedisLedger(url or redis_url, **kw)
+        opened.append(led)
+        return led
+
+    yield factory
+    for led in opened:
+        led.close()
+
+
+@pytest.fixture
+def own() -> Iterator[Callable[..., RedisServer]]:
+    """Servers this test may stop and restart (never the shared one)."""
+    servers: list[RedisServer] = []
+
+    def start(*extra: str, persist: bool = False) -> RedisServer:
+        server = RedisServer(*extra, persist=persist).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _event(n: int | str, cost: int, keys: tuple[str, ...], now: float = T0, **kw: Any) -> CallEvent:
+    return CallEvent(id=f"e{n}", time=now, provider="openai", model="gpt-4o-mini", cost_micros=cost,
+                     budget_keys=keys, **kw)  # fmt: skip
+
+
+def _wait_for_empty_spool(led: RedisLedger, timeout: float = 10.0) -> None:
+    """The background thread may be replaying at the same moment: wait for it rather than race it."""
+    deadline = time.monotonic() + timeout
+    while led.spooled() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _assert_exact(led: Ledger, a: Allowance, *, now: float) -> None:
+    """Spend equals the recorded events, to the micro-dollar, and no hold is left that is not an active one."""
+    bal = led.balance(a, now=now)
+    assert bal.spent_micros == sum(e.cost_micros for e in led.events() if a.key in e.budget_keys)
+    assert bal.reserved_micros == sum(r.micros for r in led.active_reservations(now=now) if a.key in r.keys)
+
+
+# -- the contract -----------------------------------------------------------------------------------------------------
+class TestRedisLedger(LedgerContract):
+    @pytest.fixture
+    def make_ledger(self, make: Callable[..., RedisLedger]) -> Callable[[], Ledger]:
+        return make
+
+
+def _make_for_machine(stack: ExitStack) -> Ledger:
+    url = shared_url()
+    p = _unique_prefix()
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="tb-spool-"))
+    stack.callback(_drop_prefix, url, p)
+    led = RedisLedger(url, key_prefix=p, spool_path=os.path.join(tmp, "spool.db"))
+    stack.callback(led.close)
+    return led
+
+
+TestRedisLedgerMachine = ledger_machine_test(_make_for_machine, max_examples=30, steps=30)
+
+
+# -- URLs, credentials, wiring ----------------------------------------------------------------------------------------
+def test_open_ledger_and_the_guard_route_redis_urls_with_on_ledger_error(redis_url: str, prefix: str) -> None:
+    url = f"{redis_url}?key_prefix={prefix}"
+    led = open_ledger(url, on_error="open")
+    assert isinstance(led, RedisLedger) and led.on_error == "open" and led.key_prefix == prefix
+    again = open_ledger(led.url)  # self.url (password-free) round-trips
+    assert isinstance(again, RedisLedger) and again.key_prefix == prefix
+    led.close()
+    again.close()
+    guard = Guard(Settings(ledger=url, on_ledger_error="open"))
+    assert isinstance(guard.ledger, RedisLedger) and guard.ledger.on_error == "open"
+    guard.close()
+    guard = Guard(Settings(ledger=url))
+    assert isinstance(guard.ledger, RedisLedger) and guard.ledger.on_error == "closed"
+    guard.close()
+
+
+def test_password_never_shown_and_env_credentials(
+    own: Callable[..., RedisServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = own("--requirepass", "s3cret-pw")
+    a = Allowance("k", "s", limit_micros=10)
+    with_pw = RedisLedger(f"redis://:s3cret-pw@127.0.0.1:{server.port}/0", spool_path=tmp_path / "s.db")
+    assert "s3cret" not in with_pw.url and "***" in with_pw.url and "s3cret" not in repr(with_pw)
+    assert isinstance(with_pw.reserve([a], 1, 0, lease_seconds=60, now=T0), Reservation)
+    with_pw.close()
+
+    monkeypatch.setenv("TOKENBUDGET_REDIS_PASSWORD", "s3cret-pw")
+    from_env = RedisLedger(server.url, spool_path=tmp_path / "s.db")
+    assert isinstance(from_env.reserve([a], 1, 0, lease_seconds=60, now=T0), Reservation)
+    from_env.close()
+
+    # A wrong password is a configuration error, loud under both policies: failing open would hide it for good.
+    monkeypatch.delenv("TOKENBUDGET_REDIS_PASSWORD")
+    for policy in ("closed", "open"):
+        wrong = RedisLedger(f"redis://:not-the-pw@127.0.0.1:{server.port}/0?key_prefix=x", on_error=policy,
+                            spool_path=tmp_path / "s.db")  # fmt: skip
+        with pytest.raises(LedgerError) as info:
+            wrong.reserve([a], 1, 0, lease_seconds=60, now=T0)
+        assert not isinstance(info.value, LedgerUnavailable)
+        assert "password" in str(info.value) and "not-the-pw" not in str(info.value)
+        assert "***" in str(info.value) or wrong.url in str(info.value)
+        wrong.close()
+    assert "s3cret" not in caplog.text and "not-the-pw" not in caplog.text
+
+
+def test_tls_rediss_url(own: Callable[..., RedisServer], tmp_path: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days",
+         "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    tls_port = _free_port()
+    try:
+        server = own("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                     "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no")  # fmt: skip
+    except RuntimeError:
+        pytest.skip("this redis-server was built without TLS")
+    del server
+    led = RedisLedger(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}", spool_path=tmp_path / "s.db")
+    a = Allowance("k", "s", limit_micros=100)
+    r = led.reserve([a], 100, 0, lease_seconds=60, now=T0)
+    assert isinstance(r, Reservation) and led.settle(r, 60, 0, _event(1, 60, r.keys), now=T0)
+    assert led.balance(a, now=T0).spent_micros == 60 and [e.id for e in led.events()] == ["e1"]
+    led.close()
+    # Plain text against the TLS port is not a ledger: it fails, bounded, instead of hanging.
+    plain = RedisLedger(f"redis://127.0.0.1:{tls_port}/0", spool_path=tmp_path / "s.db")
+    started = time.monotonic()
+    with pytest.raises(LedgerError):
+        plain.reserve([a], 1, 0, lease_seconds=60, now=T0)
+    assert time.monotonic() - started < 5
+    plain.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"key_prefix": "a{b"}, {"key_prefix": ""}, {"on_error": "maybe"}, {"socket_timeout": 0}]
+)
+def test_bad_settings_are_config_errors(redis_url: str, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(tokenbudget.ConfigError):
+        RedisLedger(redis_url, **kwargs)
+
+
+# -- layout, cluster slot, retention ----------------------------------------------------------------------------------
+def test_every_key_shares_one_cluster_slot_and_windows_expire(
+    make: Callable[..., RedisLedger], redis_url: str, prefix: str
+) -> None:
+    led = make(window_grace=3600, settled_ttl=600, events_maxlen=100)
+    now = time.time()
+    day = Allowance("team:ml:today", "team:ml", limit_micros=10**9, window_end=now + 86_400)
+    total = Allowance("org:total", "org", limit_micros=10**9)
+    led.grant(Grant("g", "team:ml", 5, 0, created_at=now, expires_at=None))
+    r = led.reserve([day, total], 10, 1, lease_seconds=60, now=now)
+    held = led.reserve([day], 10, 1, lease_seconds=60, now=now)
+    assert isinstance(r, Reservation) and isinstance(held, Reservation)
+    assert led.settle(r, 7, 1, _event(1, 7, r.keys, now), now=now)
+    for i in range(1000):
+        led.record(_event(f"d{i}", 0, (), now, status="denied", decision="deny"))
+    client = redis.Redis.from_url(redis_url)
+    names = list(client.scan_iter(match="{" + prefix + "}*"))
+    assert len({key_slot(n) for n in names}) == 1 and len(names) >= 7
+    acct = ("{" + prefix + "}:acct:").encode()
+    ttl_day = client.ttl(acct + b"team:ml:today")
+    assert 86_400 + 3600 - 120 <= ttl_day <= 86_400 + 3600 + 2  # EXPIREAT window_end + grace
+    assert client.ttl(acct + b"org:total") == -1  # a total budget persists
+    assert 600 + 60 - 5 <= client.ttl(("{" + prefix + "}:done:" + r.id).encode()) <= 600 + 60 + 1
+    assert 100 <= client.xlen("{" + prefix + "}:events") < 400  # MAXLEN ~ 100 (trimmed by whole macro nodes)
+    # A window that already ended (a fake clock, a clock behind the server) still lives `grace` from now.
+    old = Allowance("team:ml:2026-01-01", "team:ml", window_end=T0 + 86_400)
+    assert isinstance(led.reserve([old], 1, 0, lease_seconds=60, now=T0), Reservation)
+    assert 3600 - 5 <= client.ttl(acct + b"team:ml:2026-01-01") <= 3600 + 2
+    client.close()
+
+
+def test_accounts_lists_every_account(make: Callable[..., RedisLedger]) -> None:
+    led = make()
+    a, b = Allowance("team:a:2026-01-01", "team:a", limit_micros=100), Allowance("org", "org")
+    r = led.reserve([a, b], 40, 4, lease_seconds=60, now=T0)
+    assert isinstance(r, Reservation)
+    led.settle(r, 30, 3, None, now=T0)
+    held = led.reserve([b], 5, 1, lease_seconds=60, now=T0)
+    assert isinstance(held, Reservation)
+    assert led.accounts() == [
+        tokenbudget.ledger.Balance("org", "org", None, None, 30, 5, 3, 1),
+        tokenbudget.ledger.Balance("team:a:2026-01-01", "team:a", None, None, 30, 0, 3, 0),
+    ]
+
+
+def test_reads_never_sweep_live_holds(make: Callable[..., RedisLedger]) -> None:
+    """A report run with --now in the future must not give back holds that are still live in real time."""
+    led = make()
+    a = Allowance("k", "s", limit_micros=100)
+    r = led.reserve([a], 100, 0, lease_seconds=60, now=T0)
+    assert isinstance(r, Reservation)
+    assert led.balance(a, now=T0 + 10**6).reserved_micros == 0
+    assert led.active_reservations(now=T0 + 10**6) == []
+    assert led.balance(a, now=T0).reserved_micros == 100  # still held: nothing was swept
+    assert led.active_reservations(now=T0) == [r]
+
+
+def test_a_retried_reserve_holds_once(make: Callable[..., RedisLedger], redis_url: str) -> None:
+    """The retry redis-py makes after a lost reply runs the same script with the same id: it must not hold twice."""
+    led = make()
+    a = Allowance("k", "s", limit_micros=1000)
+    res, keys, args, _meta = led._reserve_call([a], 300, 3, 60, T0)
+    assert int(led._reserve_script(keys, args)[0]) == 1
+    assert int(led._reserve_script(keys, args)[0]) == 1
+    assert led.balance(a, now=T0).reserved_micros == 300
+    assert led.active_reservations(now=T0) == [res]
+
+
+def test_throughput_smoke(make: Callable[..., RedisLedger]) -> None:
+    """Not a benchmark: catches a regression to several round trips per step (or a reconnect per call)."""
+    led = make()
+    a = Allowance("k", "s", limit_micros=10**15)
+    n = 500
+    started = time.perf_counter()
+    for i in range(n):
+        r = led.reserve([a], 100, 10, lease_seconds=60, now=T0)
+        assert isinstance(r, Reservation)
+        led.settle(r, 90, 9, _event(i, 90, r.keys), now=T0)
+    rate = n / (time.perf_counter() - started)
+    assert rate > 300, f"{rate:.0f} reserve+settle pairs/s"
+
+
+# -- a fleet racing for one budget ------------------------------------------------------------------------------------
+def _contend(url: str, prefix: str, spool: str, limit: int, amount: int, threads: int, attempts: int, barrier: Any,
+             out: Any) -> None:  # fmt: skip
+    """Child: ``threads`` threads each try ``attempts`` reserve+settle pairs against one shared allowance."""
+    # Generous timeouts: 256 threads on a CI runner's two cores can starve one socket read past the 0.5 s default.
+    led = RedisLedger(url, key_prefix=prefix, spool_path=spool, socket_timeout=10, connect_timeout=10)
+    a = Allowance("team:fleet", "team:fleet", limit_micros=limit)
+    totals = [0, 0, 0]  # ok, refused, over-limit observations
+    lock = threading.Lock()
+    errors: list[str] = []
+    start = threading.Barrier(threads)
+
+    def run(t: int) -> None:
+        ok = refused = over = 0
+        try:
+            start.wait()
+            for i in range(attempts):
+                now = time.time()
+                r = led.reserve([a], amount, 1, lease_seconds=600, now=now)
+                if isinstance(r, Refusal):
+                    refused += 1
+                    continue
+                ok += 1
+                bal = led.balance(a, now=now)
+                if bal.spent_micros + bal.reserved_micros > limit:
+                    over += 1
+                ev = _event(f"{os.getpid()}-{t}-{i}", amount, r.keys, now)
+                assert led.settle(r, amount, 1, ev, now=now) is True
+                assert led.settle(r, amount, 1, ev, now=now) is False
+        except BaseException as exc:
+            errors.append(repr(exc))
+        with lock:
+            totals[0] += ok
+            totals[1] += refused
+            totals[2] += over
+
+    barrier.wait(120)
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    led.close()
+    out.put((totals, errors))
+
+
+def _run_children(target: Callable[..., None], n: int, args: tuple[Any, ...]) -> list[Any]:
+    barrier = SPAWN.Barrier(n)
+    out = SPAWN.Queue()
+    procs = [SPAWN.Process(target=target, args=(*args, barrier, out)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        results = [out.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():  # pragma: no cover - only on failure
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    return results
+
+
+def test_8_processes_x_32_threads_spend_exactly_the_budget(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    procs_n, threads_n, attempts, amount, k = 8, 32, 2, 1_234, 150
+    limit = k * amount
+    results = _run_children(
+        _contend, procs_n, (redis_url, prefix, str(tmp_path / "spool.db"), limit, amount, threads_n, attempts)
+    )
+    assert [e for _, errs in results for e in errs] == []
+    ok = sum(t[0] for t, _ in results)
+    refused = sum(t[1] for t, _ in results)
+    assert ok == k and ok + refused == procs_n * threads_n * attempts
+    assert sum(t[2] for t, _ in results) == 0
+
+    led = RedisLedger(redis_url, key_prefix=prefix, spool_path=tmp_path / "spool.db")
+    a = Allowance("team:fleet", "team:fleet", limit_micros=limit)
+    now = time.time()
+    bal = led.balance(a, now=now)
+    assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens, bal.reserved_tokens) == (limit, 0, k, 0)
+    events = list(led.events())
+    assert len(events) == k and sum(e.cost_micros for e in events) == limit
+    assert led.active_reservations(now=now) == [] and led.spooled() == 0
+    led.close()
+
+
+MAX_TOKENS = 40
+
+
+def _sdk_contend(url: str, prefix: str, spool: str, base_url: str, limit_tokens: int, threads: int, attempts: int,
+                 barrier: Any, out: Any) -> None:  # fmt: skip
+    """Child: the real openai SDK, guarded by a Redis ledger, from ``threads`` threads."""
+    import openai
+
+    led = RedisLedger(url, key_prefix=prefix, spool_path=spool, socket_timeout=10, connect_timeout=10)
+    tokenbudget.install(ledger=led, budget_tokens=limit_tokens, org="acme")
+    client = openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0)
+    counts = {"ok": 0, "refused": 0}
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def run() -> None:
+        start.wait()
+        for _ in range(attempts):
+            try:
+                client.chat.completions.create(
+                    model="gpt-4o-mini", max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": "hi"}]
+                )
+                key = "ok"
+            except tokenbudget.BudgetExceeded:
+                key = "refused"
+            except BaseException as exc:
+                with lock:
+                    errors.append(repr(exc))
+                continue
+            with lock:
+                counts[key] += 1
+
+    barrier.wait(120)
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    tokenbudget.uninstall()
+    out.put((counts, errors))
+
+
+class _Probe(MemoryLedger):
+    """Remembers what the guard reserves, to learn the worst case of the request the children will send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[int, int]] = []
+
+    def reserve(self, allowances: Any, micros: int, tokens: int, *, lease_seconds: float, now: float) -> Any:
+        self.asked.append((micros, tokens))
+        return super().reserve(allowances, micros, tokens, lease_seconds=lease_seconds, now=now)
+
+
+def test_the_real_sdk_from_processes_and_threads_spends_exactly_the_budget(
+    srv: StandInServer, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    import openai
+
+    probe = _Probe()
+    tokenbudget.install(ledger=probe, budget_tokens=10**9)
+    openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0).chat.completions.create(
+        model="gpt-4o-mini", max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": "hi"}]
+    )
+    tokenbudget.uninstall()
+    worst = probe.asked[0][1]
+    # Answer with exactly the worst case, so each call uses what it reserved and exactly K calls fit.
+    srv.reply = Reply(input_tokens=worst - MAX_TOKENS, output_tokens=MAX_TOKENS)
+    srv.clear()
+    procs_n, threads_n, attempts, k = 2, 4, 3, 10
+    results = _run_children(
+        _sdk_contend,
+        procs_n,
+        (redis_url, prefix, str(tmp_path / "spool.db"), srv.openai_base_url, k * worst, threads_n, attempts),
+    )
+    assert [e for _, errs in results for e in errs] == []
+    assert sum(c["ok"] for c, _ in results) == k
+    assert sum(c["refused"] for c, _ in results) == procs_n * threads_n * attempts - k
+    assert len(srv.requests) == k  # refused calls never left their process
+
+    led = RedisLedger(redis_url, key_prefix=prefix, spool_path=tmp_path / "spool.db")
+    (acct,) = [b for b in led.accounts() if "~alert" not in b.key]  # alerts keep 1-micro marker accounts
+    assert (acct.spent_tokens, acct.reserved_tokens) == (k * worst, 0)
+    events = list(led.events())
+    assert sum(1 for e in events if e.status == "ok") == k
+    assert sum(1 for e in events if e.status == "denied") == procs_n * threads_n * attempts - k
+    assert sum(e.cost_micros for e in events) == acct.spent_micros
+    assert led.active_reservations(now=time.time()) == []
+    led.close()
+
+
+# -- a machine that dies mid-call -------------------------------------------------------------------------------------
+def _reserve_and_hang(url: str, prefix: str, spool: str, limit: int, out: Any) -> None:
+    led = RedisLedger(url, key_prefix=prefix, spool_path=spool)
+    out.put(led.reserve([Allowance("k", "s", limit_micros=limit)], limit, 0, lease_seconds=30, now=T0))
+    time.sleep(600)
+
+
+def test_a_sigkilled_holder_blocks_only_until_its_lease_ends(
+    make: Callable[..., RedisLedger], redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    limit = 1000
+    a = Allowance("k", "s", limit_micros=limit)
+    out = SPAWN.Queue()
+    child = SPAWN.Process(target=_reserve_and_hang, args=(redis_url, prefix, str(tmp_path / "c.db"), limit, out))
+    child.start()
+    try:
+        held = out.get(timeout=60)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+    assert isinstance(held, Reservation) and held.expires_at == T0 + 30
+
+    led = make()
+    refusal = led.reserve([a], 1, 0, lease_seconds=30, now=T0 + 29.9)
+    assert isinstance(refusal, Refusal) and refusal.balance.reserved_micros == limit
+    assert [r.id for r in led.active_reservations(now=T0 + 29.9)] == [held.id]
+    assert led.balance(a, now=T0 + 30).reserved_micros == 0
+    mine = led.reserve([a], limit, 0, lease_seconds=30, now=T0 + 30)
+    assert isinstance(mine, Reservation)
+    assert led.settle(mine, limit, 0, _event(1, limit, mine.keys, T0 + 30), now=T0 + 30)
+    bal = led.balance(a, now=T0 + 30)
+    assert (bal.spent_micros, bal.reserved_micros) == (limit, 0)
+    _assert_exact(led, a, now=T0 + 30)
+
+
+# -- Redis dying mid-run ----------------------------------------------------------------------------------------------
+def _chat(client: Any) -> Any:
+    messages = [{"role": "user", "content": "q"}]
+    return client.chat.completions.create(model="gpt-4o-mini", max_tokens=50, messages=messages)
+
+
+def test_closed_refuses_while_redis_is_down_and_charges_nothing(
+    own: Callable[..., RedisServer], srv: StandInServer, tmp_path: Path
+) -> None:
+    import openai
+
+    server = own(persist=True)
+    spool = tmp_path / "spool.db"
+    led = RedisLedger(server.url, spool_path=spool, on_error="closed")
+    a = Allowance("org", "org", limit_micros=10**6)
+    r1 = led.reserve([a], 500, 5, lease_seconds=600, now=T0)
+    in_flight = led.reserve([a], 300, 3, lease_seconds=600, now=T0)
+    assert isinstance(r1, Reservation) and isinstance(in_flight, Reservation)
+    assert led.settle(r1, 400, 4, _event(1, 400, r1.keys), now=T0)
+
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(LedgerUnavailable) as info:
+        led.reserve([a], 10, 1, lease_seconds=600, now=T0)
+    assert time.monotonic() - started < 2.5  # bounded: connection refused, one retry
+    assert "closed" in str(info.value) and led.url in str(info.value)
+    started = time.monotonic()
+    with pytest.raises(LedgerUnavailable):
+        led.reserve([a], 10, 1, lease_seconds=600, now=T0)  # the breaker: no second wait
+    assert time.monotonic() - started < 0.05
+    with pytest.raises(LedgerUnavailable):
+        led.balance(a, now=T0)
+
+    # Through the guard and the real SDK: refused before any byte is sent.
+    tokenbudget.install(ledger=led, budget_usd=1.0)
+    client = openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0)
+    with pytest.raises(LedgerUnavailable):
+        _chat(client)
+    assert srv.requests == []
+    # A call that was already under way when Redis died has spent its money: its charge is spooled, not lost.
+    assert led.settle(in_flight, 250, 2, _event(2, 250, in_flight.keys), now=T0) is True
+    assert led.spooled() == 1
+
+    server.start()
+    led.replay_spool()
+    _wait_for_empty_spool(led)
+    bal = led.balance(a, now=T0)
+    assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens) == (650, 0, 6)
+    assert [e.id for e in led.events()] == ["e1", "e2"]  # no event for the refused calls
+    _assert_exact(led, a, now=T0)
+    tokenbudget.uninstall()
+
+
+@pytest.mark.parametrize("persist", [True, False], ids=["aof", "no-persistence"])
+def test_open_lets_calls_through_spools_and_replays_exactly_once(
+    own: Callable[..., RedisServer], srv: StandInServer, tmp_path: Path, persist: bool
+) -> None:
+    import openai
+
+    server = own(persist=persist)
+    spool = tmp_path / "spool.db"
+    led = RedisLedger(server.url, spool_path=spool, on_error="open")
+    day = Allowance("team:ml:2026-01-01", "team:ml", limit_micros=1000, window_end=T0 + 86_400)
+    total = Allowance("org", "org", limit_micros=10**6)
+    r1 = led.reserve([day, total], 100, 1, lease_seconds=600, now=T0)
+    r2 = led.reserve([day, total], 300, 3, lease_seconds=600, now=T0)
+    assert isinstance(r1, Reservation) and isinstance(r2, Reservation)
+    assert led.settle(r1, 100, 1, _event(1, 100, r1.keys), now=T0)
+
+    server.stop()
+    # Over the limit, but Redis cannot say so: failing open lets the call through with a local reservation.
+    r3 = led.reserve([day, total], 900, 9, lease_seconds=600, now=T0 + 1)
+    assert isinstance(r3, Reservation) and r3.keys == (day.key, total.key)
+    assert led.balance(day, now=T0).spent_micros == 0  # spend unknown: reported as none, never an error
+    assert led.settle(r3, 200, 2, _event(3, 200, r3.keys, T0 + 1), now=T0 + 1) is True
+    assert led.settle(r3, 200, 2, _event(3, 200, r3.keys, T0 + 1), now=T0 + 1) is False  # once, even locally
+    assert led.settle(r2, 250, 2, _event(2, 250, r2.keys, T0 + 2), now=T0 + 2) is True
+    led.record(_event("d", 0, (), T0 + 3, status="denied", decision="deny"))
+
+    # Through the guard and the real SDK: the call goes out, and its charge waits in the spool.
+    tokenbudget.install(ledger=led, budget_usd=1.0)
+    client = openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0)
+    srv.reply = Reply(input_tokens=100, output_tokens=10)
+    _chat(client)
+    assert len(srv.requests) == 1
+    tokenbudget.uninstall()  # closes the ledger: the spool stays on disk for whoever opens it next
+    assert led.spooled() == 4  # r2, r3, the denied record, the SDK call
+    snapshot = tmp_path / "spool-before-replay.db"
+    shutil.copyfile(spool, snapshot)
+
+    server.start()
+    led = RedisLedger(server.url, spool_path=spool, on_error="open")  # a new process would pick the spool up
+    led.replay_spool()
+    _wait_for_empty_spool(led)
+    assert led.spooled() == 0 and led.replay_spool() == 0
+
+    def state() -> tuple[Any, ...]:
+        balances = [led.balance(x, now=T0 + 5) for x in (day, total)]
+        return (
+            [(b.spent_micros, b.reserved_micros, b.spent_tokens, b.reserved_tokens) for b in balances],
+            sorted(e.id for e in led.events()),
+        )
+
+    (sdk,) = [e for e in led.events() if e.id not in ("e1", "e2", "e3", "ed")]
+    assert sdk.cost_micros > 0 and sdk.status == "ok"
+    spent = (100 if persist else 0) + 250 + 200  # without persistence the restart lost what Redis had before
+    tokens = (1 if persist else 0) + 2 + 2
+    want = ([(spent, 0, tokens, 0)] * 2, sorted({"e1", "e2", "e3", "ed", sdk.id} - (set() if persist else {"e1"})))
+    assert state() == want
+    accounts = {b.key: b for b in led.accounts()}
+    # Accounts Redis had lost are recreated with their scope (and their window's expiry) by the replay.
+    assert (accounts[day.key].scope, accounts[total.key].scope) == ("team:ml", "org")
+    (guard_account,) = [b for k, b in accounts.items() if k not in (day.key, total.key)]
+    assert (guard_account.spent_micros, guard_account.reserved_micros) == (sdk.cost_micros, 0)
+
+    # Replaying the very same rows again (a crash between the push and the delete) charges nothing twice.
+    shutil.copyfile(snapshot, spool)
+    assert led.spooled() == 4  # r2, r3, the denied record, the SDK call
+    assert led.replay_spool() == 4 and led.spooled() == 0
+    assert state() == want
+    led.close()
+
+
+def test_a_slow_redis_times_out_bounded_and_a_timed_out_hold_ends_with_its_lease(
+    own: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    server = own()
+    led = RedisLedger(server.url, spool_path=tmp_path / "s.db", socket_timeout=0.3, connect_timeout=0.3)
+    a = Allowance("k", "s", limit_micros=1000)
+    assert isinstance(led.reserve([a], 1, 0, lease_seconds=5, now=T0), Reservation)  # connected and scripts loaded
+    admin = redis.Redis(port=server.port)
+    admin.client_pause(1200, all=True)
+    started = time.monotonic()
+    with pytest.raises(LedgerUnavailable):
+        led.reserve([a], 500, 0, lease_seconds=5, now=T0)
+    assert time.monotonic() - started < 1.5  # socket timeout, one retry: never stuck for the whole pause
+    time.sleep(max(0.0, 1.3 - (time.monotonic() - started)))
+    # Whatever the paused server did with the timed-out reserve, at most one hold exists and it ends with its lease.
+    held = led.active_reservations(now=T0)
+    assert sum(r.micros for r in held) in (1, 501)
+    assert led.balance(a, now=T0 + 5).reserved_micros == 0
+    assert isinstance(led.reserve([a], 1000, 0, lease_seconds=5, now=T0 + 5), Reservation)
+    admin.close()
+    led.close()
+
+
+async def test_async_calls_never_block_the_loop(own: Callable[..., RedisServer], tmp_path: Path) -> None:
+    server = own()
+    led = RedisLedger(server.url, spool_path=tmp_path / "s.db", socket_timeout=0.4, connect_timeout=0.4,
+                      on_error="open")  # fmt: skip
+    a = Allowance("k", "s", limit_micros=100 * 7)
+    results = await asyncio.gather(*(led.areserve([a], 7, 0, lease_seconds=60, now=T0) for _ in range(150)))
+    assert sum(isinstance(r, Reservation) for r in results) == 100
+    settled = await asyncio.gather(*(led.asettle(r, 7, 0, None, now=T0) for r in results if isinstance(r, Reservation)))
+    assert all(settled) and (await led.abalance(a, now=T0)).spent_micros == 700
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    admin = redis.Redis(port=server.port)
+    admin.client_pause(1000, all=True)
+    task = asyncio.create_task(ticker())
+    started = time.monotonic()
+    r = await led.areserve([Allowance("other", "other")], 1, 0, lease_seconds=60, now=T0)  # times out: fails open
+    waited = time.monotonic() - started
+    task.cancel()
+    assert isinstance(r, Reservation) and 0.3 < waited < 1.5
+    assert ticks >= 0.5 * waited / 0.01  # the loop kept running while Redis did not answer
+    assert await led.asettle(r, 1, 0, None, now=T0) is True  # to Redis, or to the spool if it is still paused
+    await asyncio.to_thread(_wait_for_empty_spool, led)
+    assert (await led.abalance(Allowance("other", "other"), now=T0)).spent_micros == 1
+    admin.close()
+    await led.aclose()
+    led.close()
+
+
+# -- the same report as SQLite ----------------------------------------------------------------------------------------
+REPORT_CONFIG = """\
+org = "acme"
+timezone = "UTC"
+
+[[budgets]]
+scope = "org"
+limit_usd = 10.0
+period = "month"
+
+[[budgets]]
+scope = "team:search/user:*"
+limit_usd = 0.01
+period = "day"
+on_exhaust = "downgrade"
+
+[[budgets]]
+scope = "team:research"
+limit_usd = 0.01
+period = "day"
+
+[downgrade]
+"gpt-4o" = "gpt-4o-mini"
+"""
+
+
+def _workload(srv: StandInServer, config: Path, ledger_url: str) -> None:
+    """One fixed day of calls through the real SDKs, on a fake clock, into ``ledger_url``."""
+    import anthropic
+    import openai
+
+    clock = ManualClock(T0 + 10 * 3600)
+    tokenbudget.install(config, ledger=ledger_url, clock=clock)
+    oai = openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0)
+    ant = anthropic.Anthropic(base_url=srv.anthropic_base_url, api_key="sk-ant-test", max_retries=0)
+    try:
+        srv.reply = Reply(input_tokens=1000, output_tokens=500)
+        with tokenbudget.scope(team="search", user="ann", tags={"env": "prod"}):
+            oai.chat.completions.create(model="gpt-4o", max_tokens=600, messages=[{"role": "user", "content": "a"}])
+            clock.advance(3600)
+            oai.chat.completions.create(model="gpt-4o", max_tokens=600, messages=[{"role": "user", "content": "b"}])
+        srv.reply = Reply(input_tokens=2000, output_tokens=1000)
+        with tokenbudget.scope(team="research", user="dee"):
+            clock.advance(3600)
+            ant.messages.create(model="claude-haiku-4-5", max_tokens=1000, messages=[{"role": "user", "content": "q"}])
+            with pytest.raises(tokenbudget.BudgetExceeded):
+                ant.messages.create(
+                    model="claude-haiku-4-5", max_tokens=1000, messages=[{"role": "user", "content": "q"}]
+                )
+        now = clock.now()
+        grant = Grant("g1", "team:research", 5000, 0, now, now + 86_400, reason="deadline", granted_by="ops")
+        tokenbudget.active_guard().ledger.grant(grant)  # type: ignore[union-attr]
+    finally:
+        tokenbudget.uninstall()
+
+
+def test_report_from_redis_equals_report_from_sqlite(
+    srv: StandInServer, redis_url: str, prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tokenbudget.cli import main  # here, not at the top: spawned children import this module too
+
+    config = tmp_path / "tokenbudget.toml"
+    config.write_text(REPORT_CONFIG, encoding="utf-8")
+    urls = {"sqlite": f"sqlite:///{tmp_path / 'ledger.db'}", "redis": f"{redis_url}?key_prefix={prefix}"}
+    for url in urls.values():
+        _workload(srv, config, url)
+    outputs: dict[str, list[str]] = {}
+    for name, url in urls.items():
+        outputs[name] = []
+        for argv in (["report", "--by", "team,model", "--format", "json"],
+                     ["report", "--by", "user,day", "--format", "json", "--since", "2026-01-01T11:00"],
+                     ["budgets", "--all", "--format", "json", "--now", "2026-01-01T18:00"],
+                     ["grants", "--all", "--format", "json", "--now", "2026-01-01T18:00"]):  # fmt: skip
+            code = main(["--config", str(config), "--ledger", url, *argv])
+            out, err = capsys.readouterr()
+            assert code == 0, err
+            outputs[name].append(out)
+    assert outputs["redis"] == outputs["sqlite"]
+    rows = json.loads(outputs["redis"][0])
+    assert {r["team"] for r in rows} == {"search", "research"} and sum(r["denied"] for r in rows) == 1
