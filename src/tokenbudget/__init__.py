@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ._runtime import active_guard, install, installed, uninstall
 from .account import grant, remaining, spend
+from .alerts import Alert, on_alert
 from .budget import budget
 from .calls import CallRequest, Usage
 from .config import BudgetRule, DowngradeTarget, Settings
@@ -19,6 +20,7 @@ from .principal import Principal, scope
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alert",
     "BudgetExceeded",
     "BudgetRule",
     "CallEvent",
@@ -39,6 +41,7 @@ __all__ = [
     "grant",
     "install",
     "installed",
+    "on_alert",
     "remaining",
     "scope",
     "spend",

@@ -135,7 +135,12 @@ def install(
             return _guard
         resolved = load_settings(config, **settings)
         new = Guard(resolved, ledger=ledger, clock=clock, tracer_provider=tracer_provider, meter_provider=meter_provider)
+        from .alerts import attach_alerts, detach_alerts
+
+        attach_alerts(new)
         old, _guard = _guard, new
+        if old is not None:
+            detach_alerts(old)
         if old is not None and old.ledger is not new.ledger:
             old.close()
         for sdk in _SDKS:
@@ -157,4 +162,7 @@ def uninstall() -> None:
             setattr(owner, attr, original)
         old, _guard = _guard, None
         if old is not None:
+            from .alerts import detach_alerts
+
+            detach_alerts(old)
             old.close()

@@ -38,6 +38,8 @@ __all__ = ["Guard", "Ticket"]
 log = logging.getLogger("tokenbudget")
 
 EventListener = Callable[[CallEvent], None]
+BudgetListener = Callable[[CallEvent, tuple[Allowance, ...]], None]
+"""Also given the configured budgets (allowances) the call was charged to; empty for calls refused before sending."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +141,14 @@ class Guard:
         self.settings = settings or Settings()
         s = self.settings
         self.clock: Clock = clock or SystemClock()
-        self.ledger: Ledger = ledger if ledger is not None else open_ledger(s.ledger)
+        self.ledger: Ledger = ledger if ledger is not None else open_ledger(s.ledger, on_error=s.on_ledger_error)
         self.prices = prices or PriceBook(s.prices, unknown_model=s.unknown_model)
         self.estimator = estimator or Estimator()
         self.policy = Policy(s.all_rules(), s.timezone)
         self.telemetry = Telemetry(tracer_provider, meter_provider, capture_content=s.capture_content)
         self.default_principal = default_principal(s.org, s.team, s.user, s.tags)
         self.listeners: list[EventListener] = []
+        self.budget_listeners: list[BudgetListener] = []
         self._brownout = any(r.downgrade_at is not None for r in s.all_rules())
         self._deferred: list[tuple[Reservation, int, int, CallEvent | None, float]] = []
         """Settlements the ledger refused (locked, full, down): retried before the next reservation and at close."""
@@ -396,7 +399,7 @@ class Guard:
             )
         except Exception:
             log.exception("tokenbudget could not finish a span")
-        self._notify(event)
+        self._notify(event, tuple(m.allowance for m in ticket.matches) if ticket.reservation is not None else ())
 
     def _remaining(self, ticket: Ticket, now: float) -> int | None:
         """The tightest remaining dollars among the call's budgets, for the span (cheap for the memory ledger)."""
@@ -426,10 +429,15 @@ class Guard:
                 log.exception("tokenbudget could not record a denied call")
         self._notify(event)
 
-    def _notify(self, event: CallEvent) -> None:
+    def _notify(self, event: CallEvent, allowances: tuple[Allowance, ...] = ()) -> None:
         for listener in self.listeners:
             try:
                 listener(event)
+            except Exception:
+                log.exception("a tokenbudget event listener failed; the call is unaffected")
+        for budget_listener in self.budget_listeners:
+            try:
+                budget_listener(event, allowances)
             except Exception:
                 log.exception("a tokenbudget event listener failed; the call is unaffected")
 
