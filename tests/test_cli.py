@@ -305,6 +305,8 @@ def test_grant_appears_in_budgets_and_raises_the_limit(
     assert after["effective_limit_usd"] == pytest.approx(before["limit_usd"] + 0.5)
     assert after["remaining_usd"] == pytest.approx(before["remaining_usd"] + 0.5)
 
+    code, out, _ = run(capsys, *copy.args("report", "--by", "team", "--now", NOW))
+    assert code == 0 and "Active grants" in out and "team:research +$0.5000 until 2026-01-08" in out
     code, out, _ = run(capsys, *copy.args("grants", "--now", NOW, "--format", "json"))
     (g,) = json.loads(out)
     assert (g["scope"], g["amount_usd"], g["reason"], g["granted_by"]) == ("team:research", 0.5, "deadline <b>", "cfo")

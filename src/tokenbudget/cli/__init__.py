@@ -159,6 +159,7 @@ def cmd_report(args: argparse.Namespace, ctx: Context) -> int:
     ledger = ctx.open()
     try:
         events = _events(ledger, since, until)
+        grants = ledger.grants(now=ctx.now) if args.format == "table" else []
     finally:
         ledger.close()
     rows = rp.group_events(events, by, tz=ctx.tz, savings=_savings(ctx))
@@ -202,6 +203,13 @@ def cmd_report(args: argparse.Namespace, ctx: Context) -> int:
         ctx.out.write(f"No calls recorded from {span} in {ledger.url}.\n")
         return 0
     print_table(ctx.out, f"Spend by {', '.join(by)}, {span}", cols, body, footer=footer, caption=caption)
+    if grants:
+        listed = ", ".join(
+            f"{g.scope} +{rp.fmt_usd(g.micros)} "
+            + (f"until {rp.utc_iso(g.expires_at, ctx.tz)}" if g.expires_at is not None else "(no expiry)")
+            for g in sorted(grants, key=lambda g: g.created_at)
+        )
+        ctx.out.write(f"Active grants (see `tokenbudget budgets`): {listed}\n")
     return 0
 
 
