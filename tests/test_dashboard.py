@@ -348,3 +348,19 @@ def test_chromium_draws_the_dashboard(page: tuple[str, list[CallEvent]], tmp_pat
     model_colours = {_hex(PALETTE[i]) for i in range(len(MODELS))}
     for colour in model_colours:
         assert pixels[colour] > 500, f"no bars painted in {colour}"
+
+
+def test_daily_bars_across_a_daylight_saving_change() -> None:
+    """Berlin's 2026-03-29 has 23 hours: still one bar per calendar day, none lost or doubled."""
+    ledger = MemoryLedger()
+    start = 1_774_393_200.0  # 2026-03-25T00:00+01:00
+    for d in range(9):
+        ledger.record(CallEvent(id=f"d{d}", time=start + d * 86_400 + 12 * 3600, provider="openai", model="gpt-4o",
+                                team="ops", cost_micros=1000))  # fmt: skip
+    settings = Settings(timezone="Europe/Berlin")
+    data = DashboardData.collect(ledger, settings, now=start + 10 * 86_400, since=start, until=None)
+    doc = parse(render(data))
+    bars = doc.having("rect", "bar")
+    assert len(bars) == 9
+    tips = sorted(t.split(" | ")[2].split(":")[0] for t in doc.text if t.startswith("ops | gpt-4o | "))
+    assert tips == [f"2026-03-{d}" for d in range(25, 32)] + ["2026-04-01", "2026-04-02"]

@@ -438,10 +438,6 @@ def cmd_demo(args: argparse.Namespace, ctx: Context) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line plus the usage, exit 2 (argparse's own convention, kept)."""
-
-
 def _common(p: argparse.ArgumentParser, *, fmt: bool = True, now: bool = True) -> None:
     # SUPPRESS: options given before the command must not be reset by the subcommand's defaults.
     p.add_argument("--ledger", metavar="URL", default=argparse.SUPPRESS,
@@ -459,7 +455,7 @@ def _common(p: argparse.ArgumentParser, *, fmt: bool = True, now: bool = True) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         prog="tokenbudget",
         description="Budgets for the OpenAI and Anthropic SDKs: reports, budgets and grants from the ledger.",
         epilog="Start with `tokenbudget demo`. Each command has --help. Exit codes: 0 ok, 1 runtime error, 2 usage.",
@@ -470,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ledger", metavar="URL", default=None, help="ledger URL (also accepted after the command)")
     parser.add_argument("--config", metavar="PATH", default=None, help="config file (also accepted after the command)")
     parser.add_argument("--now", metavar="TIME", default=None, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("report", help="spend and tokens grouped by team, user, model, tag, day, function...",
                        description="Spend, tokens, refusals, downgrades and their savings, grouped as you "

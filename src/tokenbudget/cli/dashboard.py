@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 from ..config import Settings
 from ..events import CallEvent
 from ..ledger.base import Grant, Ledger
+from ..policy import window
 from ..pricing import PriceBook
 from . import report as rp
 
@@ -352,7 +353,7 @@ def _spend_section(data: DashboardData) -> str:
     t = lo
     while t <= hi and len(buckets) < 2000:
         buckets.append(t)
-        t = rp.bucket_start(t + (3600 if bucket == "hour" else 86_400) + 1, bucket, data.tz)
+        t = window(bucket, data.tz, t)[1]  # the window's own end: days of 23 or 25 hours stay one bar
     team_totals = sorted(((sum(sum(b.values()) for b in per.values()), team) for team, per in series.items()),
                          reverse=True)  # fmt: skip
     shown = team_totals[:MAX_TEAMS]
