@@ -129,6 +129,11 @@ def install(
     if isinstance(ledger, str):
         settings["ledger"] = ledger
         ledger = None
+    elif ledger is not None and not isinstance(ledger, Ledger):
+        from .errors import ConfigError
+
+        raise ConfigError(f"expected a URL string or a Ledger, got {type(ledger).__name__}", key="ledger",
+                          source="install()")
     with _lock:
         fresh_args = config is not None or settings or ledger is not None or clock is not None
         if _guard is not None and not fresh_args and tracer_provider is None and meter_provider is None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .calls import CallRequest, Usage
 from .clock import Clock, SystemClock
 from .config import BudgetRule, DowngradeTarget, Settings
-from .errors import BudgetExceeded, LedgerError, LedgerUnavailable
+from .errors import BudgetExceeded, ConfigError, LedgerError, LedgerUnavailable
 from .events import CallEvent
 from .ledger import open_ledger
 from .ledger.base import Allowance, Balance, Ledger, Refusal, Reservation
@@ -153,6 +153,9 @@ class Guard:
         self._deferred: list[tuple[Reservation, int, int, CallEvent | None, float]] = []
         """Settlements the ledger refused (locked, full, down): retried before the next reservation and at close."""
         self._deferred_lock = threading.Lock()
+        self._deferred: list[tuple[Reservation, int, int, CallEvent | None, float]] = []
+        """Settlements the ledger refused (locked, full, down): retried before the next reservation and at close."""
+        self._deferred_lock = threading.Lock()
 
     # -- before ------------------------------------------------------------------------------------------------
     def _plan(self, request: CallRequest) -> _Plan:
@@ -162,6 +165,9 @@ class Guard:
             max_output = 0
         else:
             max_output = request.max_output_tokens if request.max_output_tokens is not None else price.max_output_tokens
+            if not 0 <= max_output <= 1_000_000_000:  # the vendor would refuse it; the ledgers could not hold it
+                raise ConfigError(f"max_tokens={max_output} is not a usable output limit (0 to 1,000,000,000)",
+                                  key="max_tokens", source=f"{request.provider} {request.model}")
         may_cache = request.api == "anthropic" and "cache_control" in _cheap_repr(request.body)
         micros = self.prices.worst_case_micros(price, input_tokens, max_output, may_write_cache=may_cache)
         return _Plan(request, price, input_tokens, max_output, micros, input_tokens + max_output)

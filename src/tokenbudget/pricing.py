@@ -208,6 +208,11 @@ class _Override:
     has_batch_discount: bool = False
 
 
+MAX_USD_PER_MTOK = 1_000_000
+MAX_TOKENS = 1_000_000_000
+"""Bounds for overrides: with them a call's worst case stays far inside the 64-bit integers every ledger stores."""
+
+
 def _usd_per_mtok(value: object, key: str) -> int:
     allowed = "must be a non-negative number of USD per million tokens"
     if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
@@ -218,6 +223,8 @@ def _usd_per_mtok(value: object, key: str) -> int:
         raise ConfigError(f"{allowed}, got {value!r}", key=key)
     if not number.is_finite() or number < 0:
         raise ConfigError(f"{allowed}, got {value!r}", key=key)
+    if number > MAX_USD_PER_MTOK:  # dearer than any model by far: a typo, and amounts the ledgers cannot hold
+        raise ConfigError(f"{allowed} up to {MAX_USD_PER_MTOK:,}, got {value!r}", key=key)
     return pico_per_token(number)
 
 
@@ -227,8 +234,8 @@ def _token_count(value: object, key: str, *, positive: bool) -> int:
         raise ConfigError(f"{allowed}, got {value!r}", key=key)
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
-    if not isinstance(value, int) or value < (1 if positive else 0):
-        raise ConfigError(f"{allowed}, got {value!r}", key=key)
+    if not isinstance(value, int) or value < (1 if positive else 0) or value > MAX_TOKENS:
+        raise ConfigError(f"{allowed} up to {MAX_TOKENS:,}, got {value!r}", key=key)
     return value
 
 

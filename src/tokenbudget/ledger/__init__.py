@@ -52,6 +52,9 @@ def open_ledger(url: str | None) -> Ledger:
         path = text[len("sqlite:///") :]
         if not path or path.endswith(("/", os.sep)):
             raise ConfigError(f"{url!r} names no file; allowed: {_FORMS}", key="ledger")
+        if "\x00" in path or (not path.isprintable() and any("\ud800" <= c <= "\udfff" for c in path)):
+            raise ConfigError(f"{url!r} is not a usable file name (NUL or lone surrogate); allowed: {_FORMS}",
+                              key="ledger")
         from .sqlite import SQLiteLedger
 
         return SQLiteLedger(path)
