@@ -153,9 +153,6 @@ class Guard:
         self._deferred: list[tuple[Reservation, int, int, CallEvent | None, float]] = []
         """Settlements the ledger refused (locked, full, down): retried before the next reservation and at close."""
         self._deferred_lock = threading.Lock()
-        self._deferred: list[tuple[Reservation, int, int, CallEvent | None, float]] = []
-        """Settlements the ledger refused (locked, full, down): retried before the next reservation and at close."""
-        self._deferred_lock = threading.Lock()
 
     # -- before ------------------------------------------------------------------------------------------------
     def _plan(self, request: CallRequest) -> _Plan:
