@@ -2,9 +2,14 @@
 
 The harness is shared by this process (bare, tokenbudget with each ledger, the Anthropic SDK's own tracing) and by
 the peer processes (bare, each peer instrumentation, tokenbudget again as a same-process yardstick). Every round
-visits every variant in a rotated order and, within it, every scenario: a few untimed warm-up calls, then a batch of
-individually timed calls. Noise from the machine therefore hits all variants alike, and each variant's ratio to bare
-is taken per round (batch median over bare's batch median in the same round) and then the median over rounds.
+visits every scenario and, within it, every variant in a rotated order, switching variants between batches with
+``tokenbudget.install()`` / ``uninstall()`` (or the peer's instrument / uninstrument): a few untimed warm-up calls,
+then a batch of individually timed calls. The batches of one scenario follow each other within a second, so noise
+from the machine hits all variants alike, and each variant's ratio to bare is taken per round (its batch median over
+bare's batch median in the same round), then the median over rounds.
+
+Each call is timed twice: wall clock (``perf_counter``, what the caller waits) and the calling thread's CPU time
+(``thread_time``: the work done in the caller's thread, which other processes on a busy machine cannot inflate).
 """
 
 from __future__ import annotations
@@ -228,11 +233,25 @@ def bare_variant() -> Variant:
     return Variant("bare", spans_expected=False, note="the SDK alone (Anthropic: open_telemetry=False)")
 
 
+def _wait_for_alert_seeding(guard: Any) -> None:
+    """install() rebuilds alert baselines from the ledger's history in a background thread; let it finish before
+    timing, so a batch measures calls, not that one-off read competing for the GIL."""
+    try:
+        from tokenbudget import alerts
+
+        manager = alerts._managers.get(guard)
+    except (ImportError, AttributeError):
+        return
+    if manager is not None:
+        manager.seeded.wait(30)
+
+
 def tokenbudget_variant(name: str, ledger_url: str, note: str = "") -> Variant:
     import tokenbudget
 
     def enable() -> None:
-        tokenbudget.install(config={"ledger": ledger_url, "budget_usd": 1_000_000.0})
+        guard = tokenbudget.install(config={"ledger": ledger_url, "budget_usd": 1_000_000.0})
+        _wait_for_alert_seeding(guard)
 
     def disable() -> None:
         tokenbudget.uninstall()
@@ -262,7 +281,7 @@ class UninstallCheck:
 
     def verify(self) -> None:
         self.checks += 1
-        for (owner, attr), original in zip(self._targets, self._originals):
+        for (owner, attr), original in zip(self._targets, self._originals, strict=True):
             if owner.__dict__.get(attr) is not original:
                 self.failures.append(f"{owner.__module__}.{owner.__qualname__}.{attr}")
 
@@ -275,28 +294,39 @@ class UninstallCheck:
 class Cell:
     samples: list[int] = field(default_factory=list)
     batch_medians: list[float] = field(default_factory=list)
+    cpu_samples: list[int] = field(default_factory=list)
+    cpu_batch_medians: list[float] = field(default_factory=list)
     spans: int = 0
     calls: int = 0
 
 
-def _time_sync(fn: Callable[[], Any], n: int) -> list[int]:
-    out = []
-    clock = time.perf_counter_ns
+Timings = tuple[list[int], list[int]]  # (wall ns, calling-thread CPU ns), one entry per call
+
+
+def _time_sync(fn: Callable[[], Any], n: int) -> Timings:
+    wall, cpu = [], []
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     for _ in range(n):
+        c0 = cpu_clock()
         t0 = clock()
         fn()
-        out.append(clock() - t0)
-    return out
+        t1 = clock()
+        cpu.append(cpu_clock() - c0)
+        wall.append(t1 - t0)
+    return wall, cpu
 
 
-async def _time_async(fn: Callable[[], Coroutine[Any, Any, Any]], n: int) -> list[int]:
-    out = []
-    clock = time.perf_counter_ns
+async def _time_async(fn: Callable[[], Coroutine[Any, Any, Any]], n: int) -> Timings:
+    wall, cpu = [], []
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     for _ in range(n):
+        c0 = cpu_clock()
         t0 = clock()
         await fn()
-        out.append(clock() - t0)
-    return out
+        t1 = clock()
+        cpu.append(cpu_clock() - c0)
+        wall.append(t1 - t0)
+    return wall, cpu
 
 
 def run_matrix(
@@ -321,31 +351,32 @@ def run_matrix(
                 bound[(v.name, s.name)] = s.bind(v.clients or clients)
                 cells[s.name][v.name] = Cell()
     for r in range(rounds):
-        shift = r % len(variants)
-        for v in variants[shift:] + variants[:shift]:
-            v.enable()
-            try:
-                for s in scenarios:
-                    fn = bound.get((v.name, s.name))
-                    if fn is None:
-                        continue
-                    server.reply = s.reply()
+        for s in scenarios:
+            mine = [v for v in variants if (v.name, s.name) in bound]
+            shift = r % len(mine)
+            server.reply = s.reply()
+            for v in mine[shift:] + mine[:shift]:
+                fn = bound[(v.name, s.name)]
+                v.enable()
+                try:
                     if s.is_async:
                         loop.run_until_complete(_time_async(fn, warmup))
                     else:
                         _time_sync(fn, warmup)
                     otel.clear()
                     gc.collect()
-                    times = loop.run_until_complete(_time_async(fn, batch)) if s.is_async else _time_sync(fn, batch)
+                    wall, cpu = loop.run_until_complete(_time_async(fn, batch)) if s.is_async else _time_sync(fn, batch)
                     cell = cells[s.name][v.name]
-                    cell.samples.extend(times)
-                    cell.batch_medians.append(median(times))
+                    cell.samples.extend(wall)
+                    cell.batch_medians.append(median(wall))
+                    cell.cpu_samples.extend(cpu)
+                    cell.cpu_batch_medians.append(median(cpu))
                     cell.spans += otel.spans()
                     cell.calls += batch
-            finally:
-                v.disable()
-                if after_disable is not None:
-                    after_disable(v)
+                finally:
+                    v.disable()
+                    if after_disable is not None:
+                        after_disable(v)
         if progress is not None:
             progress(f"round {r + 1}/{rounds}")
     return cells
@@ -359,11 +390,16 @@ def summarize(cells: dict[str, dict[str, Cell]], variants: list[Variant]) -> lis
         bare = by_variant.get("bare")
         for name, cell in by_variant.items():
             row: dict[str, Any] = {"scenario": scenario, "variant": name, **summary_us(cell.samples)}
+            cpu = summary_us(cell.cpu_samples)
+            row["cpu_median_us"], row["cpu_p99_us"] = cpu["median_us"], cpu["p99_us"]
             if bare is not None and bare.batch_medians:
-                paired = [ratio(a, b) for a, b in zip(cell.batch_medians, bare.batch_medians)]
+                paired = [ratio(a, b) for a, b in zip(cell.batch_medians, bare.batch_medians, strict=False)]
                 row["ratio"] = median(paired)
                 row["ratio_p99"] = ratio(row["p99_us"], summary_us(bare.samples)["p99_us"])
                 row["overhead_us"] = row["median_us"] - summary_us(bare.samples)["median_us"]
+                paired_cpu = [ratio(a, b) for a, b in zip(cell.cpu_batch_medians, bare.cpu_batch_medians, strict=False)]
+                row["cpu_ratio"] = median(paired_cpu)
+                row["cpu_overhead_us"] = cpu["median_us"] - summary_us(bare.cpu_samples)["median_us"]
             row["spans_per_call"] = cell.spans / cell.calls if cell.calls else 0.0
             row["note"] = notes.get(name, "")
             rows.append(row)
@@ -380,8 +416,13 @@ def chunk_slopes(rows: list[dict[str, Any]], low: int, high: int) -> list[dict[s
             if lo is None or hi is None:
                 continue
             per_chunk = (hi["overhead_us"] - lo["overhead_us"]) / (high - low)
+            per_chunk_cpu = (hi["cpu_overhead_us"] - lo["cpu_overhead_us"]) / (high - low)
             out.append({
-                "name": f"{vendor} stream, end to end ({variant})", "median_us": per_chunk,
+                "name": f"{vendor} stream, end to end, wall ({variant})", "median_us": per_chunk,
                 "method": f"(overhead at {high} chunks - overhead at {low}) / {high - low}",
+            })
+            out.append({
+                "name": f"{vendor} stream, end to end, caller CPU ({variant})", "median_us": per_chunk_cpu,
+                "method": f"(CPU overhead at {high} chunks - at {low}) / {high - low}",
             })
     return out

@@ -16,7 +16,7 @@ from typing import Any
 from . import SECTIONS, report
 
 # (rounds, batch, warmup) for the per-call matrix; the other sections scale with --quick too.
-FULL = {"rounds": 30, "batch": 20, "warmup": 3}
+FULL = {"rounds": 30, "batch": 10, "warmup": 2}
 QUICK = {"rounds": 2, "batch": 3, "warmup": 1}
 
 
@@ -31,8 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="NAME", default=[],
                    help=f"run only this section (repeatable, or comma separated): {', '.join(SECTIONS)}")
     p.add_argument("--rounds", type=int, help="rounds of the per-call matrix (default 30; --quick 2)")
-    p.add_argument("--batch", type=int, help="timed calls per variant, scenario and round (default 20)")
-    p.add_argument("--warmup", type=int, help="untimed calls before each batch (default 3)")
+    p.add_argument("--batch", type=int, help="timed calls per variant, scenario and round (default 10)")
+    p.add_argument("--warmup", type=int, help="untimed calls before each batch (default 2)")
     p.add_argument("--setup-peers", action="store_true", help="create/refresh the peer venvs, then exit")
     p.add_argument("--peer-worker", metavar="PEER", help=argparse.SUPPRESS)
     return p
@@ -82,14 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## {name} ({section['seconds']} s)\n")
         print(section.pop("_text"))
         sys.stdout.flush()
+        if args.json:  # after every section, so a long run that is cut short still leaves its results
+            Path(args.json).write_text(json.dumps(_clean(results), indent=1, default=str, allow_nan=False))
     results["targets"] = report.evaluate_targets(results)
     results["meta"]["seconds"] = round(time.monotonic() - t_all, 1)
     m = results["meta"]["machine"]
     print("\n## targets\n")
     print(report.targets_table(results["targets"]))
-    print(f"\n{m['nproc']} CPUs, {m['cpu']}, Python {m['python']}; "
-          f"openai {results['meta']['versions'].get('openai')}, anthropic {results['meta']['versions'].get('anthropic')}"
-          f"; load average at start {m['loadavg_at_start']}; {results['meta']['seconds']} s")
+    v = results["meta"]["versions"]
+    print(f"\n{m['nproc']} CPUs, {m['cpu']}, Python {m['python']}; openai {v.get('openai')}, "
+          f"anthropic {v.get('anthropic')}; load average at start {m['loadavg_at_start']}; "
+          f"{results['meta']['seconds']} s")
     if args.json:
         Path(args.json).write_text(json.dumps(_clean(results), indent=1, default=str, allow_nan=False))
     return 0
@@ -164,12 +167,14 @@ def _calls(quick: bool, sizes: dict[str, int], otel: Any) -> dict[str, Any]:
             b = before[r["scenario"]]
             uninstall_rows.append({"scenario": r["scenario"], "bare_before_install_us": b["median_us"],
                                    "bare_after_uninstall_us": r["median_us"],
-                                   "ratio": r["median_us"] / b["median_us"]})
+                                   "ratio": r["median_us"] / b["median_us"],
+                                   "cpu_ratio": r["cpu_median_us"] / b["cpu_median_us"]})
     identity = "yes" if not check.failures else "NO: " + ", ".join(sorted(set(check.failures)))
     text = report.calls_table(rows)
     text += "\n\nuninstall(): originals restored after every one of " \
-            f"{check.checks} uninstalls: {identity}; bare after uninstall / bare before any install (median): " + \
-            ", ".join(f"{u['scenario']} {u['ratio']:.3f}" for u in uninstall_rows)
+            f"{check.checks} uninstalls: {identity}; bare after uninstall / bare before any install, median wall " \
+            "(caller CPU): " + ", ".join(f"{u['scenario']} {u['ratio']:.3f} ({u['cpu_ratio']:.3f})"
+                                         for u in uninstall_rows)
     text += f"\nstreams: {calls.STREAM_CHUNKS} chunks per streamed reply; all variants run under the OTel SDK " \
             "(SimpleSpanProcessor -> InMemorySpanExporter, InMemoryMetricReader)."
     for n in notes:

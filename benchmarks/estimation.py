@@ -21,7 +21,7 @@ from typing import Any
 
 from ._stats import median, summary_us
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - a word list, easier to read as one string
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there been one all we their has would when if so what no out up said about into than them can "
     "only other new some could time these two may then do first any my now such like our over man me even most made "
@@ -83,10 +83,10 @@ def run(*, quick: bool) -> dict[str, Any]:
         tokens = probe.text_tokens(model, text)
         req = _request(model, "openai", [{"role": "user", "content": text}])
         gc.collect()
-        fresh = [_time(lambda: Estimator().input_tokens(req)) for _ in range(fresh_reps[n])]
+        fresh = [_time(lambda: Estimator().input_tokens(req)) for _ in range(fresh_reps[n])]  # noqa: B023
         warm = Estimator()
         warm.input_tokens(req)
-        same = [_time(lambda: warm.input_tokens(req)) for _ in range(repeat_reps)]
+        same = [_time(lambda: warm.input_tokens(req)) for _ in range(repeat_reps)]  # noqa: B023
         copies: list[int] = []
         for _ in range(min(repeat_reps, 10 if n >= 1_000_000 else repeat_reps)):
             copy_req = _request(model, "openai", [{"role": "user", "content": (text + " ")[:-1]}])
@@ -102,7 +102,8 @@ def run(*, quick: bool) -> dict[str, Any]:
 
     rows.extend(_guard_plan_rows(texts[1_000_000], repeat_reps))
     agent = _agent(reps=2 if quick else 7, turns=200)
-    return {"rows": rows, "agent": agent, "repeated_1m_ratio": ratios[1_000_000]}
+    agent_plan = _agent_plan(reps=1 if quick else 3, turns=200)
+    return {"rows": rows, "agent": agent, "agent_plan": agent_plan, "repeated_1m_ratio": ratios[1_000_000]}
 
 
 def _guard_plan_rows(text: str, reps: int) -> list[dict[str, Any]]:
@@ -124,6 +125,36 @@ def _guard_plan_rows(text: str, reps: int) -> list[dict[str, Any]]:
                      "estimator_only_median_us": summary_us(est)["median_us"]})
     guard.close()
     return rows
+
+
+def _agent_plan(*, reps: int, turns: int) -> dict[str, Any]:
+    """The same growing conversation through ``Guard._plan`` (what the guard really runs before reserving), for each
+    wire protocol: shows work outside the Estimator that also grows with the history."""
+    import tokenbudget
+    from tokenbudget.estimate import Estimator
+
+    probe = Estimator()
+    out: dict[str, Any] = {}
+    for api, model in (("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5")):
+        per_call: list[list[int]] = [[] for _ in range(turns)]
+        for rep in range(reps):
+            guard = tokenbudget.Guard(tokenbudget.Settings(ledger="memory://"))
+            plan = getattr(guard, "_plan", None)
+            if plan is None:
+                return out
+            plan(_request(model, api, [{"role": "user", "content": "warm the price table"}]))
+            texts = [make_text(150, seed=20_000 * rep + i, count=lambda t: probe.text_tokens("gpt-4o-mini", t))
+                     for i in range(turns)]
+            history: list[dict[str, Any]] = []
+            gc.collect()
+            for i in range(turns):
+                history.append({"role": "user" if i % 2 == 0 else "assistant", "content": texts[i]})
+                req = _request(model, api, list(history), system="You are a careful coding agent.")
+                per_call[i].append(_time(lambda: plan(req)))  # noqa: B023
+            guard.close()
+        med = [median(x) / 1000.0 for x in per_call]
+        out[api] = {"call1_us": med[0], "median_us": med[-1], "ratio_last_to_first": med[-1] / med[0]}
+    return out
 
 
 def _agent(*, reps: int, turns: int) -> dict[str, Any]:

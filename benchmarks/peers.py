@@ -83,7 +83,9 @@ def unavailable_reason(peer: Peer) -> str | None:
     return None
 
 
-def run_all(*, rounds: int, batch: int, warmup: int, log: Any = print, limit: int | None = None) -> list[dict[str, Any]]:
+def run_all(
+    *, rounds: int, batch: int, warmup: int, log: Any = print, limit: int | None = None
+) -> list[dict[str, Any]]:
     """Each available peer in its own process; returns one entry per peer (rows, or why it did not run)."""
     out: list[dict[str, Any]] = []
     ran = 0

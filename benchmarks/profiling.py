@@ -151,7 +151,7 @@ def steps() -> list[tuple[str, float]]:
         json_data = body
 
     class _Client:
-        class base_url:  # noqa: N801
+        class base_url:
             host = "127.0.0.1"
             port = 8080
 
