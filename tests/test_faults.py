@@ -680,6 +680,25 @@ async def test_ledger_locked_while_the_call_runs_settles_once_it_is_back(
     assert all(e.cost_micros == vendor.cost(IN, OUT) and e.status == "ok" for e in events)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_cancel_while_the_ledger_thread_reserves_leaves_no_hold(tmp_path: Path, srv: StandInServer,
+                                                                      vendor: Vendor, stream: bool) -> None:
+    """SQLite reserves in a worker thread: a cancel that lands meanwhile must not orphan the hold it makes."""
+    ledger = SQLiteLedger(tmp_path / "ledger.db", busy_timeout=10)
+    g = tokenbudget.install({"budget_usd": 5.0}, ledger=ledger)
+    with write_locked(ledger.path):  # the reserve waits for the lock, in its thread
+        task = asyncio.create_task(call(vendor, srv, "async-stream" if stream else "async"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.sleep(0.05)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert srv.requests == []  # nothing was sent ...
+    event = only_event(g)  # ... and the hold it made was given back, on the record
+    assert (event.status, event.cost_micros) == ("unsent", 0)
+
+
 def test_full_disk_refuses_or_settles_later_and_stays_exact(sqlite_guard: tokenbudget.Guard,
                                                             srv: StandInServer) -> None:
     g = sqlite_guard

@@ -7,6 +7,7 @@ and async calls follow the same rules.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -254,13 +255,31 @@ class Guard:
     async def abegin(self, request: CallRequest) -> Ticket:
         gen = self._negotiate(request)
         ask = next(gen)
+        cancelled: BaseException | None = None
         while True:
-            answer = await self._aanswer(ask)
+            # A ledger working in a thread may finish the reservation after the caller was cancelled: take its
+            # answer anyway, so no hold is orphaned, and give the hold back below (the request was never sent).
+            step = asyncio.ensure_future(self._aanswer(ask))
+            while True:
+                try:
+                    answer = await asyncio.shield(step)
+                    break
+                except asyncio.CancelledError as exc:
+                    if step.cancelled():
+                        raise
+                    cancelled = exc
             try:
                 ask = gen.send(answer)
             except StopIteration as stop:
                 ticket: Ticket = stop.value
+                if cancelled is not None:
+                    ticket.unsent(cancelled)
+                    raise cancelled from None
                 return ticket
+            except BaseException as exc:
+                if cancelled is not None:
+                    raise cancelled from exc
+                raise
 
     def _answer(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance]:
         if self._deferred:

@@ -190,6 +190,19 @@ def _error_type(error: BaseException) -> str:
 
 def _safe_message(error: BaseException) -> str:
     """Vendor error bodies can echo the request; keep the status line only, never headers or prompt text."""
+    status = getattr(error, "status_code", None)
+    body = getattr(error, "body", None)
+    if isinstance(status, int) or body is not None:  # an SDK's API error: its message is the vendor's own text
+        kind = getattr(error, "type", None)
+        if kind is None and isinstance(body, dict):
+            inner = body.get("error", body)
+            kind = inner.get("type") if isinstance(inner, dict) else None
+        parts = [type(error).__qualname__]
+        if isinstance(status, int):
+            parts.append(f"HTTP {status}")
+        if isinstance(kind, str) and kind.isidentifier() and len(kind) <= 64:
+            parts.append(kind)
+        return " ".join(parts)
     text = str(error)
     return text if len(text) <= 200 else text[:200] + "..."
 

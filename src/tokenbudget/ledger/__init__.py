@@ -65,11 +65,19 @@ def open_ledger(url: str | None) -> Ledger:
             if exc.name not in ("tokenbudget.ledger.redis", "redis") and not (exc.name or "").startswith("redis."):
                 raise
             raise ConfigError(
-                f"{url!r} needs the Redis ledger; install it with `pip install 'tokenbudget[redis]'`", key="ledger"
+                f"{_shown(url)!r} needs the Redis ledger; install it with `pip install 'tokenbudget[redis]'`",
+                key="ledger",
             ) from exc
         ledger: Ledger = RedisLedger(text)
         return ledger
-    raise ConfigError(f"unsupported ledger URL {url!r}; allowed: {_FORMS}", key="ledger")
+    raise ConfigError(f"unsupported ledger URL {_shown(url)!r}; allowed: {_FORMS}", key="ledger")
+
+
+def _shown(url: str) -> str:
+    """A ledger URL as it may appear in an error message: a password in it (``scheme://user:PASSWORD@host``) is ***."""
+    import re
+
+    return re.sub(r"(://[^/@:]*:)[^/]*@", r"\1***@", url)
 
 
 def __getattr__(name: str) -> Any:
