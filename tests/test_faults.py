@@ -18,7 +18,10 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -791,3 +794,40 @@ def test_log_names_the_ledger_when_settling_fails(sqlite_guard: tokenbudget.Guar
     assert any(str(g.ledger.path) in m for m in messages), messages
     OPENAI.client(srv).chat.completions.create(**OPENAI.body(False))
     assert_exact(g, calls=2)
+
+
+# -- no OpenTelemetry SDK at all -------------------------------------------------------------------------------------
+def test_nothing_breaks_without_an_otel_sdk() -> None:
+    """Only opentelemetry-api is a dependency: with no SDK importable and no provider set, calls work and settle."""
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["opentelemetry.sdk"] = None  # as if opentelemetry-sdk were not installed
+        import anthropic, openai, tokenbudget
+        from tokenbudget.testing import Fault, Reply, StandInServer
+        with StandInServer(Reply(text="hi", input_tokens=10, output_tokens=2)) as srv:
+            guard = tokenbudget.install({"ledger": "memory://", "budget_usd": 1.0})
+            oc = openai.OpenAI(base_url=srv.openai_base_url, api_key="k", max_retries=0)
+            ac = anthropic.Anthropic(base_url=srv.anthropic_base_url, api_key="k", max_retries=0)
+            msg = [{"role": "user", "content": "x"}]
+            oc.chat.completions.create(model="gpt-4o-mini", messages=msg)
+            list(oc.chat.completions.create(model="gpt-4o-mini", messages=msg, stream=True))
+            ac.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=msg)
+            with ac.messages.stream(model="claude-haiku-4-5", max_tokens=10, messages=msg) as s:
+                s.get_final_message()
+            srv.push(Fault(status=500))
+            try:
+                oc.chat.completions.create(model="gpt-4o-mini", messages=msg)
+            except openai.InternalServerError:
+                pass
+            try:
+                oc.chat.completions.create(model="gpt-4o", messages=msg, max_tokens=100_000)
+            except tokenbudget.BudgetExceeded:
+                pass
+            assert "opentelemetry.sdk" not in [m for m in sys.modules if sys.modules[m] is not None]
+            print(sorted(e.status for e in guard.ledger.events()),
+                  guard.ledger.active_reservations(now=guard.clock.now()))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['denied', 'error', 'ok', 'ok', 'ok', 'ok'] []", done.stdout
+    assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
