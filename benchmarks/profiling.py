@@ -238,9 +238,132 @@ def cprofile(kind: str, calls: int = 2000, top: int = 45) -> str:
     return buf.getvalue()
 
 
+def inline(vendor: str = "openai", mode: str = "sync", calls: int = 1500, blocks: int = 10) -> list[tuple[str, float]]:
+    """Real SDK calls against the stand-in server with timers around each step of tokenbudget, in place.
+
+    Every wrapped function records the calling thread's CPU time; the table gives the median per call (inclusive:
+    ``Guard.begin`` contains ``Guard._plan``, which contains ``Estimator.input_tokens``). The first line is the whole
+    added CPU per call: tokenbudget installed minus bare, in interleaved blocks, without the timers.
+    """
+    import asyncio
+    import functools
+    from collections import defaultdict
+
+    from opentelemetry import trace
+
+    import tokenbudget
+    from tokenbudget.integrations import anthropic as tb_anthropic
+    from tokenbudget.integrations import base as tb_base
+    from tokenbudget.integrations import openai as tb_openai
+    from tokenbudget.testing import StandInServer
+
+    from . import calls as bc
+    from ._env import clean_environment, setup_otel
+
+    clean_environment()
+    otel = setup_otel()
+    spent: dict[str, list[int]] = defaultdict(list)
+    per_call: dict[str, int] = defaultdict(int)
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            c0 = time.thread_time_ns()
+            try:
+                return fn(*a, **k)
+            finally:
+                per_call[name] += time.thread_time_ns() - c0
+
+        return wrapper
+
+    scenario = bc.Scenario(vendor, mode)
+    cfg = {"ledger": "memory://", "budget_usd": 1_000_000.0}
+    with StandInServer() as server:
+        clients = bc.make_clients(server)
+        server.reply = scenario.reply()
+        fn = scenario.bind(clients)
+        loop = asyncio.new_event_loop()
+
+        def one() -> None:
+            loop.run_until_complete(fn()) if scenario.is_async else fn()
+
+        # 1. the whole added CPU, bare vs installed, interleaved blocks, no timers
+        whole: dict[str, list[int]] = {"bare": [], "tb": []}
+        for _ in range(blocks):
+            for variant in ("bare", "tb"):
+                tokenbudget.uninstall()
+                if variant == "tb":
+                    tokenbudget.install(config=cfg)
+                for _ in range(3):
+                    one()
+                otel.clear()
+                gc.collect()
+                for _ in range(calls // blocks):
+                    c0 = time.thread_time_ns()
+                    one()
+                    whole[variant].append(time.thread_time_ns() - c0)
+        tokenbudget.uninstall()
+
+        # 2. the same calls with a timer around each step
+        guard = tokenbudget.install(config=cfg)
+        adapter_cls = tb_openai.OpenAIAdapter if vendor == "openai" else tb_anthropic.AnthropicAdapter
+        patches: list[tuple[Any, str, Any]] = []
+
+        def patch(owner: Any, attr: str, label: str) -> None:
+            original = getattr(owner, attr)
+            patches.append((owner, attr, owner.__dict__.get(attr, None) if isinstance(owner, type) else None))
+            setattr(owner, attr, timed(label, original))
+
+        patch(guard, "begin", "guard.py Guard.begin (everything before sending)")
+        patch(guard, "_plan", "guard.py Guard._plan (price + estimate + cache_control scan)")
+        patch(guard.estimator, "input_tokens", "estimate.py Estimator.input_tokens")
+        patch(guard.policy, "matches", "policy.py Policy.matches")
+        patch(guard.telemetry, "start", "telemetry.py Telemetry.start (span start)")
+        patch(guard.ledger, "reserve", "ledger/memory.py MemoryLedger.reserve")
+        patch(guard, "_settle", "guard.py Guard._settle (everything after the answer)")
+        patch(guard.ledger, "settle", "ledger/memory.py MemoryLedger.settle")
+        patch(guard, "_remaining", "guard.py Guard._remaining (balance per budget for the span)")
+        patch(guard.telemetry, "finish", "telemetry.py Telemetry.finish (metrics + span attrs + end)")
+        patch(guard, "_notify", "guard.py Guard._notify (listeners: alerts)")
+        patch(adapter_cls, "describe", f"integrations/{vendor}.py {adapter_cls.__name__}.describe")
+        patch(adapter_cls, "usage", f"integrations/{vendor}.py {adapter_cls.__name__}.usage")
+        patch(tb_base, "_after", "integrations/base.py _after (usage + settle)")
+        patch(trace, "use_span", "opentelemetry trace.use_span (enter; exit not timed)")
+        try:
+            for _ in range(5):
+                one()
+            otel.clear()
+            gc.collect()
+            for i in range(calls):
+                per_call.clear()
+                one()
+                for name, ns in per_call.items():
+                    spent[name].append(ns)
+                if i % 300 == 0:
+                    otel.clear()
+        finally:
+            for owner, attr, original in reversed(patches):
+                if isinstance(owner, type):
+                    setattr(owner, attr, original)
+                else:
+                    try:
+                        delattr(owner, attr)
+                    except AttributeError:
+                        setattr(owner, attr, original)
+            tokenbudget.uninstall()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+    bare, tb = median(whole["bare"]) / 1000, median(whole["tb"]) / 1000
+    out = [(f"whole call, bare (caller CPU, {vendor} {mode})", bare), ("whole call, tokenbudget-memory", tb),
+           ("  added by tokenbudget", tb - bare)]
+    out += [(name, median(v) / 1000) for name, v in sorted(spent.items(), key=lambda kv: -median(kv[1]))]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
     p.add_argument("--cprofile", choices=("sync", "stream"))
+    p.add_argument("--inline", metavar="VENDOR.MODE", help="e.g. openai.sync, anthropic.stream, openai.async")
     p.add_argument("--calls", type=int, default=2000)
     args = p.parse_args()
     from ._env import clean_environment
@@ -248,6 +371,11 @@ def main() -> None:
     clean_environment()
     if args.cprofile:
         print(cprofile(args.cprofile, args.calls))
+        return
+    if args.inline:
+        vendor, _, mode = args.inline.partition(".")
+        for name, us in inline(vendor, mode or "sync", args.calls):
+            print(f"{us:9.1f} µs  {name}")
         return
     for name, us in steps():
         print(f"{us:9.2f} µs  {name}")
