@@ -42,7 +42,6 @@ import os
 import sqlite3
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -448,14 +447,50 @@ class _Spool:
 
 
 # -- the ledger -------------------------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class _AsyncSide:
-    """A redis.asyncio client and its scripts, bound to one event loop (asyncio connections cannot change loops)."""
+class _AsyncRunner:
+    """A private event loop, on its own daemon thread, that owns every redis.asyncio connection of one ledger.
 
-    client: redis.asyncio.Redis
-    reserve: Any
-    settle: Any
-    balance: Any
+    asyncio connections belong to the loop that opened them. Pooling them per caller loop leaves sockets that can
+    never be closed once that loop is closed (every ``asyncio.run``, every test), so the callers' loops only ever
+    await a future here: they are never blocked, and ``close()`` can always shut the connections down properly.
+    The cost is one thread hop per call, small next to a network round trip.
+    """
+
+    def __init__(self, url: str, pool_kwargs: dict[str, Any]) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, retry=redis.asyncio.retry.Retry(ExponentialBackoff(cap=0.05, base=0.005), 1), **pool_kwargs
+        )
+        self.client = redis.asyncio.Redis(connection_pool=pool)
+        self.reserve = self.client.register_script(_RESERVE)
+        self.settle = self.client.register_script(_SETTLE)
+        self.balance = self.client.register_script(_BALANCE)
+        self.thread = threading.Thread(target=self._run, name="tokenbudget-redis-async", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    async def call(self, make: Callable[[], Awaitable[_T]]) -> _T:
+        async def run() -> _T:
+            return await make()
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self.loop))
+
+    def close(self, timeout: float) -> None:
+        if self.pid != os.getpid():
+            return  # inherited across fork: the thread is not running here, and the sockets are the parent's
+        try:
+            closing = asyncio.run_coroutine_threadsafe(self.client.aclose(close_connection_pool=True), self.loop)
+            closing.result(timeout=timeout)
+        except Exception:  # pragma: no cover - best effort: the sockets die with the process anyway
+            log.debug("could not close the Redis ledger's async connections", exc_info=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=timeout)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class RedisLedger(Ledger):
@@ -516,7 +551,8 @@ class RedisLedger(Ledger):
         self._redis_url = target.redis_url
         self._pool_kwargs: dict[str, Any] = {
             "max_connections": max_connections,
-            "timeout": self.connect_timeout + self.socket_timeout,  # wait for a free pooled connection
+            # Waiting for a free pooled connection is bounded too; generous, as it means a burst, not an outage.
+            "timeout": 2 * (self.connect_timeout + self.socket_timeout),
             "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": self.connect_timeout,
             "client_name": "tokenbudget",
@@ -538,7 +574,7 @@ class RedisLedger(Ledger):
         self._balance_script = self._client.register_script(_BALANCE)
         self._active_script = self._client.register_script(_ACTIVE)
         self._grant_script = self._client.register_script(_GRANT)
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncSide] = weakref.WeakKeyDictionary()
+        self._async: _AsyncRunner | None = None
         self._async_lock = threading.Lock()
 
         self._meta: OrderedDict[str, list[list[str]]] = OrderedDict()
@@ -627,7 +663,7 @@ class RedisLedger(Ledger):
         self._check_breaker(doing)
         try:
             out = await call()
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        except (redis.exceptions.RedisError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
             raise self._fail(exc, doing) from exc
         self._healthy()
         return out
@@ -919,35 +955,22 @@ class RedisLedger(Ledger):
         self._close_async()
 
     # -- async ------------------------------------------------------------------------------------------------------
-    def _async_side(self) -> _AsyncSide:
-        loop = asyncio.get_running_loop()
-        side = self._async.get(loop)
-        if side is None:
+    def _runner(self) -> _AsyncRunner:
+        runner = self._async
+        if runner is None or runner.pid != os.getpid():
             with self._async_lock:
-                side = self._async.get(loop)
-                if side is None:
-                    pool = redis.asyncio.BlockingConnectionPool.from_url(
-                        self._redis_url,
-                        retry=redis.asyncio.retry.Retry(ExponentialBackoff(cap=0.05, base=0.005), 1),
-                        **self._pool_kwargs,
-                    )
-                    client = redis.asyncio.Redis(connection_pool=pool)
-                    side = _AsyncSide(
-                        client,
-                        client.register_script(_RESERVE),
-                        client.register_script(_SETTLE),
-                        client.register_script(_BALANCE),
-                    )
-                    self._async[loop] = side
-        return side
+                runner = self._async
+                if runner is None or runner.pid != os.getpid():
+                    runner = self._async = _AsyncRunner(self._redis_url, self._pool_kwargs)
+        return runner
 
     async def areserve(
         self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
     ) -> Reservation | Refusal:
-        side = self._async_side()
+        runner = self._runner()
         res, keys, args, meta = self._reserve_call(allowances, micros, tokens, lease_seconds, now)
         try:
-            out = await self._arun("reserve", lambda: side.reserve(keys, args))
+            out = await self._arun("reserve", lambda: runner.call(lambda: runner.reserve(keys, args)))
         except LedgerUnavailable:
             if self.on_error == "open":
                 return self._local_reservation(res, meta)
@@ -957,13 +980,13 @@ class RedisLedger(Ledger):
     async def asettle(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
-        side = self._async_side()
+        runner = self._runner()
         meta = self._meta_of(reservation)
         payload = None if event is None else event.to_json()
         keys, args = self._settle_call(reservation.id, reservation.keys, meta, micros, tokens, reservation.expires_at,
                                        payload, now)  # fmt: skip
         try:
-            out = await self._arun("settle", lambda: side.settle(keys, args))
+            out = await self._arun("settle", lambda: runner.call(lambda: runner.settle(keys, args)))
         except LedgerUnavailable:
             done = await asyncio.to_thread(self._spool_settle, reservation, meta, micros, tokens, payload)
         else:
@@ -973,10 +996,10 @@ class RedisLedger(Ledger):
 
     async def abalance(self, allowance: Allowance, *, now: float) -> Balance:
         """:meth:`balance` without blocking the event loop (the ABC has no async balance yet)."""
-        side = self._async_side()
+        runner = self._runner()
         keys, args = self._balance_call(allowance, now)
         try:
-            out = await self._arun("reading a balance", lambda: side.balance(keys, args))
+            out = await self._arun("reading a balance", lambda: runner.call(lambda: runner.balance(keys, args)))
         except LedgerUnavailable:
             if self.on_error == "open":
                 return Balance(allowance.key, allowance.scope, allowance.limit_micros, allowance.limit_tokens)
@@ -984,55 +1007,11 @@ class RedisLedger(Ledger):
         return self._balance_result(out, allowance)
 
     async def aclose(self) -> None:
-        """Close this event loop's connections properly (``close`` does its best for loops it cannot await on)."""
-        loop = asyncio.get_running_loop()
-        with self._async_lock:
-            side = self._async.pop(loop, None)
-        if side is not None:
-            await side.client.aclose(close_connection_pool=True)
+        """:meth:`close` without blocking the event loop."""
+        await asyncio.to_thread(self.close)
 
     def _close_async(self) -> None:
         with self._async_lock:
-            sides = list(self._async.items())
-            self._async.clear()
-        try:
-            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            current = None
-        for loop, side in sides:
-            closing = side.client.aclose(close_connection_pool=True)
-            try:
-                if loop.is_closed():
-                    closing.close()
-                    _abandon(side.client)
-                elif loop is current:
-                    task = loop.create_task(closing)
-                    _PENDING_CLOSES.add(task)
-                    task.add_done_callback(_PENDING_CLOSES.discard)
-                elif loop.is_running():
-                    asyncio.run_coroutine_threadsafe(closing, loop).result(timeout=self.socket_timeout + 1.0)
-                else:
-                    loop.run_until_complete(closing)
-            except Exception:  # pragma: no cover - best effort: the sockets die with the process anyway
-                log.debug("could not close Redis connections of an event loop", exc_info=True)
-
-
-_PENDING_CLOSES: set[asyncio.Task[None]] = set()
-
-
-def _abandon(client: redis.asyncio.Redis) -> None:
-    """Drop the sockets of a client whose event loop is closed: it can no longer run the coroutine that would."""
-    pool = client.connection_pool
-    conns = list(getattr(pool, "_available_connections", ())) + list(getattr(pool, "_in_use_connections", ()))
-    for conn in conns:
-        writer = getattr(conn, "_writer", None)
-        if writer is None:
-            continue
-        transport = writer.transport
-        sock = getattr(transport, "_sock", None)
-        try:
-            if sock is not None:
-                sock.close()
-        except OSError:
-            pass
-        conn._writer = conn._reader = None
+            runner, self._async = self._async, None
+        if runner is not None:
+            runner.close(self.socket_timeout + 1.0)
