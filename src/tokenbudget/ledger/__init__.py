@@ -36,8 +36,11 @@ _FORMS = (
 )
 
 
-def open_ledger(url: str | None) -> Ledger:
-    """Open the ledger a ``ledger`` setting names; ``None`` means the per-user SQLite file."""
+def open_ledger(url: str | None, *, on_error: str = "closed") -> Ledger:
+    """Open the ledger a ``ledger`` setting names; ``None`` means the per-user SQLite file.
+
+    ``on_error`` (the ``on_ledger_error`` setting) matters only to networked ledgers, which can be unreachable.
+    """
     if url is None:
         from .sqlite import SQLiteLedger, default_ledger_path
 
@@ -68,7 +71,7 @@ def open_ledger(url: str | None) -> Ledger:
                 f"{_shown(url)!r} needs the Redis ledger; install it with `pip install 'tokenbudget[redis]'`",
                 key="ledger",
             ) from exc
-        ledger: Ledger = RedisLedger(text)
+        ledger: Ledger = RedisLedger(text, on_error=on_error)
         return ledger
     raise ConfigError(f"unsupported ledger URL {_shown(url)!r}; allowed: {_FORMS}", key="ledger")
 
