@@ -137,7 +137,7 @@ def test_open_ledger_redis_is_imported_lazily(monkeypatch: pytest.MonkeyPatch) -
     made: list[str] = []
 
     class FakeRedisLedger(MemoryLedger):
-        def __init__(self, url: str) -> None:
+        def __init__(self, url: str, **options: Any) -> None:
             super().__init__()
             made.append(url)
 
