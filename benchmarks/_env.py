@@ -87,6 +87,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+def source_state() -> dict[str, Any]:
+    """Which tokenbudget was measured: the checkout's commit, and whether src/ had uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
+                               text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head or None, "src_uncommitted_changes": bool(dirty)}
+
+
 def machine() -> dict[str, Any]:
     import platform
     import sys

@@ -17,7 +17,7 @@ from . import SECTIONS, report
 
 # (rounds, batch, warmup) for the per-call matrix; the other sections scale with --quick too.
 FULL = {"rounds": 30, "batch": 10, "warmup": 2}
-QUICK = {"rounds": 2, "batch": 3, "warmup": 1}
+QUICK = {"rounds": 1, "batch": 3, "warmup": 1}
 
 
 def _log(msg: str) -> None:
@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short smoke run: every section, tiny sizes")
     p.add_argument("--only", action="append", metavar="NAME", default=[],
                    help=f"run only this section (repeatable, or comma separated): {', '.join(SECTIONS)}")
-    p.add_argument("--rounds", type=int, help="rounds of the per-call matrix (default 30; --quick 2)")
+    p.add_argument("--rounds", type=int, help="rounds of the per-call matrix (default 30; --quick 1)")
     p.add_argument("--batch", type=int, help="timed calls per variant, scenario and round (default 10)")
     p.add_argument("--warmup", type=int, help="untimed calls before each batch (default 2)")
     p.add_argument("--setup-peers", action="store_true", help="create/refresh the peer venvs, then exit")
@@ -63,13 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     selected = [s for s in SECTIONS if not only or s in only]
 
-    from ._env import clean_environment, machine, setup_otel, versions
+    from ._env import clean_environment, machine, setup_otel, source_state, versions
 
     clean_environment()
     otel = setup_otel()  # before anything asks for a tracer: every variant runs under the same OTel SDK setup
     results: dict[str, Any] = {
         "meta": {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-                 "sizes": sizes, "machine": machine(), "versions": versions(), "argv": sys.argv[1:]},
+                 "sizes": sizes, "machine": machine(), "versions": versions(), "source": source_state(),
+                 "argv": sys.argv[1:]},
         "sections": {},
     }
     t_all = time.monotonic()
