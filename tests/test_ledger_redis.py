@@ -533,6 +533,7 @@ def _sdk_contend(url: str, prefix: str, spool: str, base_url: str, limit_tokens:
         w.start()
     for w in workers:
         w.join()
+    client.close()
     tokenbudget.uninstall()
     out.put((counts, errors))
 
@@ -556,9 +557,10 @@ def test_the_real_sdk_from_processes_and_threads_spends_exactly_the_budget(
 
     probe = _Probe()
     tokenbudget.install(ledger=probe, budget_tokens=10**9)
-    openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0).chat.completions.create(
-        model="gpt-4o-mini", max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": "hi"}]
-    )
+    with openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0) as probe_client:
+        probe_client.chat.completions.create(
+            model="gpt-4o-mini", max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": "hi"}]
+        )
     tokenbudget.uninstall()
     worst = probe.asked[0][1]
     # Answer with exactly the worst case, so each call uses what it reserved and exactly K calls fit.
@@ -658,7 +660,7 @@ def test_closed_refuses_while_redis_is_down_and_charges_nothing(
     # Through the guard and the real SDK: refused before any byte is sent.
     tokenbudget.install(ledger=led, budget_usd=1.0)
     client = openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0)
-    with pytest.raises(LedgerUnavailable):
+    with client, pytest.raises(LedgerUnavailable):
         _chat(client)
     assert srv.requests == []
     # A call that was already under way when Redis died has spent its money: its charge is spooled, not lost.
@@ -703,9 +705,9 @@ def test_open_lets_calls_through_spools_and_replays_exactly_once(
 
     # Through the guard and the real SDK: the call goes out, and its charge waits in the spool.
     tokenbudget.install(ledger=led, budget_usd=1.0)
-    client = openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0)
     srv.reply = Reply(input_tokens=100, output_tokens=10)
-    _chat(client)
+    with openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0) as client:
+        _chat(client)
     assert len(srv.requests) == 1
     tokenbudget.uninstall()  # closes the ledger: the spool stays on disk for whoever opens it next
     assert led.spooled() == 4  # r2, r3, the denied record, the SDK call
@@ -856,6 +858,8 @@ def _workload(srv: StandInServer, config: Path, ledger_url: str) -> None:
         grant = Grant("g1", "team:research", 5000, 0, now, now + 86_400, reason="deadline", granted_by="ops")
         tokenbudget.active_guard().ledger.grant(grant)  # type: ignore[union-attr]
     finally:
+        oai.close()
+        ant.close()
         tokenbudget.uninstall()
 
 

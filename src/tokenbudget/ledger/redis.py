@@ -604,6 +604,7 @@ class RedisLedger(Ledger):
         self._spool_dirty = self._spool.exists()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self._closed = False
         if self._spool_dirty:
             self._ensure_worker()  # charges a previous process could not push
 
@@ -638,12 +639,14 @@ class RedisLedger(Ledger):
                 "calls go through and charges are spooled locally" if self.on_error == "open" else
                 "calls are refused until it answers; charges of calls already made are spooled locally",
             )  # fmt: skip
-        return LedgerUnavailable(
-            f"Redis ledger {self.url} is unavailable: {doing} failed ({detail}). With on_ledger_error = "
-            '"closed" calls are refused until Redis answers; nothing was reserved (a reserve that timed out may '
-            "hold its amount until its lease ends). Check the server, the network and the URL, or set "
-            'on_ledger_error = "open" to let calls through and spool their charges'
-        )
+        advice = "Check the server, the network and the URL"
+        if doing == "reserve":
+            advice = (
+                'With on_ledger_error = "closed" calls are refused until Redis answers; nothing was reserved (a '
+                "reserve that timed out may hold its amount until its lease ends). " + advice + ", or set "
+                'on_ledger_error = "open" to let calls through and spool their charges'
+            )
+        return LedgerUnavailable(f"Redis ledger {self.url} is unavailable: {doing} failed ({detail}). {advice}")
 
     def _check_breaker(self, doing: str) -> None:
         if time.monotonic() < self._down_until:
@@ -716,19 +719,16 @@ class RedisLedger(Ledger):
         self, out: Any, res: Reservation, allowances: Sequence[Allowance], meta: list[list[str]]
     ) -> Reservation | Refusal:
         if int(out[0]) == 1:
-            with self._meta_lock:
-                self._meta[res.id] = meta
-                if len(self._meta) > _META_CAP:
-                    self._meta.popitem(last=False)
-            return res
+            return self._remember(res, meta)
         a = allowances[int(out[1]) - 1]
         gm, gt = int(out[6]), int(out[7])
         lm, lt = effective_limits(a, gm, gt)
         bal = Balance(a.key, a.scope, lm, lt, int(out[2]), int(out[3]), int(out[4]), int(out[5]), gm, gt)
         return Refusal(a, bal, res.micros, res.tokens)
 
-    def _local_reservation(self, res: Reservation, meta: list[list[str]]) -> Reservation:
-        """``on_error = "open"``: a reservation Redis never saw; its settle charges the accounts by their metadata."""
+    def _remember(self, res: Reservation, meta: list[list[str]]) -> Reservation:
+        """Keep each key's scope and expiry until the settle: if Redis lost an account meanwhile (a restart without
+        persistence, or a local reservation under ``on_error = "open"`` it never saw), the charge recreates it."""
         with self._meta_lock:
             self._meta[res.id] = meta
             if len(self._meta) > _META_CAP:
@@ -780,7 +780,7 @@ class RedisLedger(Ledger):
 
     def _ensure_worker(self) -> None:
         with self._state_lock:
-            if self._worker is not None and self._worker.is_alive():
+            if self._closed or (self._worker is not None and self._worker.is_alive()):
                 return
             self._stop.clear()
             self._worker = threading.Thread(target=self._work, name="tokenbudget-redis-spool", daemon=True)
@@ -859,7 +859,7 @@ class RedisLedger(Ledger):
             out = self._run("reserve", lambda: self._reserve_script(keys, args))
         except LedgerUnavailable:
             if self.on_error == "open":
-                return self._local_reservation(res, meta)
+                return self._remember(res, meta)
             raise
         return self._reserve_result(out, res, allowances, meta)
 
@@ -962,7 +962,10 @@ class RedisLedger(Ledger):
         return self._run("listing accounts", scan)
 
     def close(self) -> None:
-        """Stop the spool thread (a pending spool is replayed by the next process) and drop connections."""
+        """Stop the spool thread and drop connections. A pending spool stays on disk for the next ledger opened on
+        it (or ``replay_spool()``): a thread started after close would hold connections nobody closes."""
+        with self._state_lock:
+            self._closed = True
         self._stop.set()
         worker = self._worker
         if worker is not None and worker is not threading.current_thread():
@@ -989,7 +992,7 @@ class RedisLedger(Ledger):
             out = await self._arun("reserve", lambda: runner.call(lambda: runner.reserve(keys, args)))
         except LedgerUnavailable:
             if self.on_error == "open":
-                return self._local_reservation(res, meta)
+                return self._remember(res, meta)
             raise
         return self._reserve_result(out, res, allowances, meta)
 
