@@ -237,7 +237,7 @@ def _make_for_machine(stack: ExitStack) -> Ledger:
     return led
 
 
-TestRedisLedgerMachine = ledger_machine_test(_make_for_machine, max_examples=30, steps=30)
+TestRedisLedgerMachine = ledger_machine_test(_make_for_machine, max_examples=40, steps=40)
 
 
 # -- URLs, credentials, wiring ----------------------------------------------------------------------------------------
