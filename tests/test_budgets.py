@@ -23,7 +23,9 @@ def call(client: Any, model: str = "gpt-4o-mini", max_tokens: int = 100, **kw: A
 
 
 def events(guard: tokenbudget.Guard, status: str | None = None) -> list[tokenbudget.CallEvent]:
-    return [e for e in guard.ledger.events() if e.operation != "function_run" and (status is None or e.status == status)]
+    return [
+        e for e in guard.ledger.events() if e.operation != "function_run" and (status is None or e.status == status)
+    ]
 
 
 # -- who is calling ----------------------------------------------------------------------------------------------
@@ -66,10 +68,12 @@ async def test_scope_follows_tasks_threads_and_nests(openai_client: Any, srv: St
 
 
 def test_team_budget_allocated_per_user(openai_client: Any, srv: StandInServer) -> None:
-    guard = tokenbudget.install({
-        "ledger": "memory://",
-        "budgets": [{"scope": "team:search/user:*", "limit_usd": 0.01}, {"scope": "team:search", "limit_usd": 1.0}],
-    })
+    guard = tokenbudget.install(
+        {
+            "ledger": "memory://",
+            "budgets": [{"scope": "team:search/user:*", "limit_usd": 0.01}, {"scope": "team:search", "limit_usd": 1.0}],
+        }
+    )
     srv.reply = Reply(input_tokens=10, output_tokens=1)
     # gpt-4o-mini worst case for max_tokens=10000 is ~$0.006: one call fits a user's $0.01, two do not.
     with tokenbudget.scope(team="search", user="ann"):
@@ -89,11 +93,17 @@ def test_team_budget_allocated_per_user(openai_client: Any, srv: StandInServer) 
 
 def test_multi_budget_reservation_is_all_or_none(openai_client: Any, srv: StandInServer) -> None:
     clock = ManualClock(NOON)
-    guard = tokenbudget.install({
-        "ledger": "memory://", "team": "t",
-        "budgets": [{"scope": "team:t", "limit_usd": 0.01, "period": "day"},
-                    {"scope": "team:t", "limit_usd": 1.0, "period": "month"}],
-    }, clock=clock)
+    guard = tokenbudget.install(
+        {
+            "ledger": "memory://",
+            "team": "t",
+            "budgets": [
+                {"scope": "team:t", "limit_usd": 0.01, "period": "day"},
+                {"scope": "team:t", "limit_usd": 1.0, "period": "month"},
+            ],
+        },
+        clock=clock,
+    )
     with pytest.raises(tokenbudget.BudgetExceeded) as info:
         call(openai_client, max_tokens=30_000)  # ~$0.018 worst case: fits the month, not the day
     assert "day" not in info.value.scope and info.value.limit == pytest.approx(0.01)
@@ -105,10 +115,15 @@ def test_multi_budget_reservation_is_all_or_none(openai_client: Any, srv: StandI
 
 def test_period_rolls_over_with_injected_clock(openai_client: Any, srv: StandInServer) -> None:
     clock = ManualClock(NOON)
-    guard = tokenbudget.install({
-        "ledger": "memory://", "team": "t", "timezone": "Europe/Berlin",
-        "budgets": [{"scope": "team:t", "limit_usd": 0.001, "period": "day"}],
-    }, clock=clock)
+    guard = tokenbudget.install(
+        {
+            "ledger": "memory://",
+            "team": "t",
+            "timezone": "Europe/Berlin",
+            "budgets": [{"scope": "team:t", "limit_usd": 0.001, "period": "day"}],
+        },
+        clock=clock,
+    )
     srv.reply = Reply(input_tokens=1000, output_tokens=1000)  # $0.00075 each
     call(openai_client, max_tokens=1000)
     with pytest.raises(tokenbudget.BudgetExceeded):
@@ -125,8 +140,9 @@ def test_period_rolls_over_with_injected_clock(openai_client: Any, srv: StandInS
 @pytest.mark.parametrize("period,step", [("hour", 3600), ("week", 7 * 86400), ("month", 31 * 86400)])
 def test_each_period_rolls(openai_client: Any, srv: StandInServer, period: str, step: int) -> None:
     clock = ManualClock(NOON)
-    tokenbudget.install({"ledger": "memory://", "budgets": [{"scope": "org", "limit_tokens": 1500, "period": period}]},
-                        clock=clock)
+    tokenbudget.install(
+        {"ledger": "memory://", "budgets": [{"scope": "org", "limit_tokens": 1500, "period": period}]}, clock=clock
+    )
     srv.reply = Reply(input_tokens=10, output_tokens=10)
     call(openai_client, max_tokens=1000)
     with pytest.raises(tokenbudget.BudgetExceeded) as info:
@@ -193,8 +209,9 @@ async def test_function_budget_async_generator_and_block(async_openai_client: An
         async for r in agen():  # 2 calls reserve 2 x ~2010 tokens; actual use is tiny, so a 3rd fits too
             got.append(r)
             if len(got) == 3:
-                await async_openai_client.chat.completions.create(model="gpt-4o-mini", messages=MSG,
-                                                                  max_tokens=2000)  # outside: no fn budget
+                await async_openai_client.chat.completions.create(
+                    model="gpt-4o-mini", messages=MSG, max_tokens=2000
+                )  # outside: no fn budget
                 raise tokenbudget.BudgetExceeded("x", limit=0, spent=0, requested=0)
     assert len(got) == 3
 
@@ -231,8 +248,12 @@ def test_function_budget_on_method(openai_client: Any, srv: StandInServer) -> No
 
 
 def test_clamp_lowers_max_tokens_to_what_remains(openai_client: Any, srv: StandInServer, otel: Any) -> None:
-    guard = tokenbudget.install({"ledger": "memory://", "budgets": [
-        {"scope": "org", "limit_usd": 0.001, "on_exhaust": "clamp", "min_output_tokens": 100}]})
+    guard = tokenbudget.install(
+        {
+            "ledger": "memory://",
+            "budgets": [{"scope": "org", "limit_usd": 0.001, "on_exhaust": "clamp", "min_output_tokens": 100}],
+        }
+    )
     srv.reply = Reply(input_tokens=10, output_tokens=5)
     call(openai_client, max_tokens=10_000)  # $0.006 worst case does not fit $0.001: clamped
     sent = srv.requests[-1].body
@@ -246,17 +267,23 @@ def test_clamp_lowers_max_tokens_to_what_remains(openai_client: Any, srv: StandI
 
 
 def test_clamp_below_floor_raises(openai_client: Any, srv: StandInServer) -> None:
-    tokenbudget.install({"ledger": "memory://", "budgets": [
-        {"scope": "org", "limit_usd": 0.00001, "on_exhaust": "clamp", "min_output_tokens": 100}]})
+    tokenbudget.install(
+        {
+            "ledger": "memory://",
+            "budgets": [{"scope": "org", "limit_usd": 0.00001, "on_exhaust": "clamp", "min_output_tokens": 100}],
+        }
+    )
     with pytest.raises(tokenbudget.BudgetExceeded):
         call(openai_client, max_tokens=10_000)
     assert srv.requests == []
 
 
-def test_warn_lets_it_through_and_records(openai_client: Any, srv: StandInServer, otel: Any,
-                                          caplog: pytest.LogCaptureFixture) -> None:
-    guard = tokenbudget.install({"ledger": "memory://", "budgets": [
-        {"scope": "org", "limit_usd": 0.0001, "on_exhaust": "warn"}]})
+def test_warn_lets_it_through_and_records(
+    openai_client: Any, srv: StandInServer, otel: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = tokenbudget.install(
+        {"ledger": "memory://", "budgets": [{"scope": "org", "limit_usd": 0.0001, "on_exhaust": "warn"}]}
+    )
     srv.reply = Reply(input_tokens=1000, output_tokens=1000)
     call(openai_client, max_tokens=1000)
     call(openai_client, max_tokens=1000)
@@ -267,11 +294,13 @@ def test_warn_lets_it_through_and_records(openai_client: Any, srv: StandInServer
 
 
 def test_downgrade_same_protocol(openai_client: Any, srv: StandInServer, otel: Any) -> None:
-    guard = tokenbudget.install({
-        "ledger": "memory://",
-        "budgets": [{"scope": "org", "limit_usd": 0.01, "on_exhaust": "downgrade"}],
-        "downgrade": {"gpt-4o": "gpt-4o-mini"},
-    })
+    guard = tokenbudget.install(
+        {
+            "ledger": "memory://",
+            "budgets": [{"scope": "org", "limit_usd": 0.01, "on_exhaust": "downgrade"}],
+            "downgrade": {"gpt-4o": "gpt-4o-mini"},
+        }
+    )
     srv.reply = Reply(input_tokens=100, output_tokens=100)
     call(openai_client, model="gpt-4o", max_tokens=2000)  # gpt-4o worst case ~$0.02 > $0.01; mini fits
     assert srv.requests[-1].body["model"] == "gpt-4o-mini"
@@ -285,25 +314,34 @@ def test_downgrade_same_protocol(openai_client: Any, srv: StandInServer, otel: A
 
 
 def test_downgrade_target_that_does_not_fit_raises(openai_client: Any, srv: StandInServer) -> None:
-    tokenbudget.install({"ledger": "memory://", "budgets": [
-        {"scope": "org", "limit_usd": 0.000001, "on_exhaust": "downgrade"}], "downgrade": {"gpt-4o": "gpt-4o-mini"}})
+    tokenbudget.install(
+        {
+            "ledger": "memory://",
+            "budgets": [{"scope": "org", "limit_usd": 0.000001, "on_exhaust": "downgrade"}],
+            "downgrade": {"gpt-4o": "gpt-4o-mini"},
+        }
+    )
     with pytest.raises(tokenbudget.BudgetExceeded) as info:
         call(openai_client, model="gpt-4o", max_tokens=2000)
     assert info.value.model == "gpt-4o-mini"
     assert srv.requests == []
 
 
-def test_downgrade_to_in_house_server_same_protocol(openai_client: Any, srv: StandInServer,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_downgrade_to_in_house_server_same_protocol(
+    openai_client: Any, srv: StandInServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("INHOUSE_KEY", "sk-inhouse-secret")
     with StandInServer() as inhouse:
-        guard = tokenbudget.install({
-            "ledger": "memory://",
-            "budgets": [{"scope": "org", "limit_usd": 0.000001, "on_exhaust": "downgrade"}],
-            "downgrade": {"*": {"model": "metacode-7b", "base_url": inhouse.openai_base_url,
-                                "api_key_env": "INHOUSE_KEY"}},
-            "prices": {"metacode-7b": {"input": 0, "output": 0}},
-        })
+        guard = tokenbudget.install(
+            {
+                "ledger": "memory://",
+                "budgets": [{"scope": "org", "limit_usd": 0.000001, "on_exhaust": "downgrade"}],
+                "downgrade": {
+                    "*": {"model": "metacode-7b", "base_url": inhouse.openai_base_url, "api_key_env": "INHOUSE_KEY"}
+                },
+                "prices": {"metacode-7b": {"input": 0, "output": 0}},
+            }
+        )
         r = call(openai_client, model="gpt-4o")
         assert r.model == "metacode-7b"
         assert srv.requests == [] and len(inhouse.requests) == 1
@@ -313,15 +351,25 @@ def test_downgrade_to_in_house_server_same_protocol(openai_client: Any, srv: Sta
 
 @pytest.mark.parametrize("at,expect", [(0.0, "gpt-4o-mini"), (0.8, "gpt-4o")])
 def test_brownout_downgrade_at(openai_client: Any, srv: StandInServer, at: float, expect: str) -> None:
-    tokenbudget.install({"ledger": "memory://", "budgets": [
-        {"scope": "org", "limit_usd": 1.0, "downgrade_at": at}], "downgrade": {"gpt-4o": "gpt-4o-mini"}})
+    tokenbudget.install(
+        {
+            "ledger": "memory://",
+            "budgets": [{"scope": "org", "limit_usd": 1.0, "downgrade_at": at}],
+            "downgrade": {"gpt-4o": "gpt-4o-mini"},
+        }
+    )
     call(openai_client, model="gpt-4o")
     assert srv.requests[-1].body["model"] == expect
 
 
 def test_brownout_starts_at_80_percent(openai_client: Any, srv: StandInServer) -> None:
-    guard = tokenbudget.install({"ledger": "memory://", "budgets": [
-        {"scope": "org", "limit_usd": 0.01, "downgrade_at": 0.8}], "downgrade": {"gpt-4o": "gpt-4o-mini"}})
+    guard = tokenbudget.install(
+        {
+            "ledger": "memory://",
+            "budgets": [{"scope": "org", "limit_usd": 0.01, "downgrade_at": 0.8}],
+            "downgrade": {"gpt-4o": "gpt-4o-mini"},
+        }
+    )
     srv.reply = Reply(input_tokens=1000, output_tokens=500)  # gpt-4o: $0.0025 + $0.005 = $0.0075 (75 %)
     call(openai_client, model="gpt-4o", max_tokens=500)
     srv.reply = Reply(input_tokens=200, output_tokens=10)  # $0.0006 more: 81 %
@@ -336,8 +384,9 @@ def test_brownout_starts_at_80_percent(openai_client: Any, srv: StandInServer) -
 
 def test_grant_tops_up_until_it_expires(openai_client: Any, srv: StandInServer) -> None:
     clock = ManualClock(NOON)
-    tokenbudget.install({"ledger": "memory://", "team": "t",
-                         "budgets": [{"scope": "team:t", "limit_usd": 0.001}]}, clock=clock)
+    tokenbudget.install(
+        {"ledger": "memory://", "team": "t", "budgets": [{"scope": "team:t", "limit_usd": 0.001}]}, clock=clock
+    )
     with pytest.raises(tokenbudget.BudgetExceeded):
         call(openai_client, max_tokens=10_000)
     g = tokenbudget.grant("team:t", 0.01, expires="2h", reason="big eval run")
@@ -389,12 +438,14 @@ def test_pyproject_table(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None
 def test_downgrade_to_in_house_without_key_env_never_forwards_the_vendor_key(srv: StandInServer) -> None:
     client = openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-VENDOR-SECRET", max_retries=0)
     with StandInServer() as inhouse:
-        tokenbudget.install({
-            "ledger": "memory://",
-            "budgets": [{"scope": "org", "limit_usd": 0.000001, "on_exhaust": "downgrade"}],
-            "downgrade": {"*": {"model": "metacode-7b", "base_url": inhouse.openai_base_url}},
-            "prices": {"metacode-7b": {"input": 0, "output": 0}},
-        })
+        tokenbudget.install(
+            {
+                "ledger": "memory://",
+                "budgets": [{"scope": "org", "limit_usd": 0.000001, "on_exhaust": "downgrade"}],
+                "downgrade": {"*": {"model": "metacode-7b", "base_url": inhouse.openai_base_url}},
+                "prices": {"metacode-7b": {"input": 0, "output": 0}},
+            }
+        )
         call(client, model="gpt-4o")
         (req,) = inhouse.requests
         assert "sk-VENDOR-SECRET" not in repr(req.headers)

@@ -27,12 +27,13 @@ def _install_affording(n: int, probe: tokenbudget.CallRequest) -> tuple[tokenbud
 
 def _chat_probe(model: str, max_tokens: int, api: str = "openai") -> tokenbudget.CallRequest:
     body: dict[str, Any] = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens}
-    return tokenbudget.CallRequest(provider=api, operation="chat", model=model, body=body, max_output_tokens=max_tokens,
-                                   api=api)
+    return tokenbudget.CallRequest(
+        provider=api, operation="chat", model=model, body=body, max_output_tokens=max_tokens, api=api
+    )
 
 
 def test_64_threads_exactly_10_openai(srv: StandInServer) -> None:
-    guard, per_call = _install_affording(10, _chat_probe("gpt-4o", 1000))
+    guard, _per_call = _install_affording(10, _chat_probe("gpt-4o", 1000))
     # The server bills the full worst case, so every committed call costs what it reserved.
     srv.reply = Reply(input_tokens=guard.estimator.input_tokens(_chat_probe("gpt-4o", 1000)), output_tokens=1000)
     client = openai.OpenAI(base_url=srv.openai_base_url, api_key="k", max_retries=0)
@@ -64,7 +65,7 @@ def test_64_threads_exactly_10_openai(srv: StandInServer) -> None:
 
 async def test_64_tasks_exactly_10_anthropic(srv: StandInServer) -> None:
     probe = _chat_probe("claude-sonnet-4-6", 1000, api="anthropic")
-    guard, per_call = _install_affording(10, probe)
+    guard, _per_call = _install_affording(10, probe)
     srv.reply = Reply(input_tokens=guard.estimator.input_tokens(probe), output_tokens=1000)
     client = anthropic.AsyncAnthropic(base_url=srv.anthropic_base_url, api_key="k", max_retries=0)
     start = asyncio.Event()
@@ -90,7 +91,7 @@ async def test_64_tasks_exactly_10_anthropic(srv: StandInServer) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_64_tasks_openai_async_never_overspend(srv: StandInServer, stream: bool) -> None:
-    guard, per_call = _install_affording(10, _chat_probe("gpt-4o", 500))
+    guard, _per_call = _install_affording(10, _chat_probe("gpt-4o", 500))
     srv.reply = Reply(input_tokens=guard.estimator.input_tokens(_chat_probe("gpt-4o", 500)), output_tokens=500)
     client = openai.AsyncOpenAI(base_url=srv.openai_base_url, api_key="k", max_retries=0)
 

@@ -36,7 +36,11 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[[budgets]]\nscope = 7\nlimit_usd = 1", "budgets.0.scope", "string"),
         ('[downgrade]\n"gpt-4o" = 5', "downgrade.gpt-4o", ""),
         ("[alerts]\nthresholds = [0.5, 80]", "alerts.thresholds", "fraction"),
-        ('[alerts.webhook]\nurl = "https://hooks.example/x"\ntimeout_seconds = 0', "alerts.webhook.timeout_seconds", ""),
+        (
+            '[alerts.webhook]\nurl = "https://hooks.example/x"\ntimeout_seconds = 0',
+            "alerts.webhook.timeout_seconds",
+            "",
+        ),
     ],
 )
 def test_bad_file_names_file_key_and_allowed(tmp_path: Path, toml: str, key: str, fragment: str) -> None:
@@ -50,7 +54,7 @@ def test_bad_file_names_file_key_and_allowed(tmp_path: Path, toml: str, key: str
 
 
 def test_bad_price_override_names_the_key(tmp_path: Path) -> None:
-    path = write(tmp_path, '[prices.metacode-7b]\ninput = -1\noutput = 0.4\n')
+    path = write(tmp_path, "[prices.metacode-7b]\ninput = -1\noutput = 0.4\n")
     with pytest.raises(tokenbudget.ConfigError, match=r"prices\.metacode-7b\.input"):
         tokenbudget.install(path)
 

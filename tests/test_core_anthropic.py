@@ -29,11 +29,18 @@ def no_holds(guard: tokenbudget.Guard) -> None:
     assert guard.ledger.active_reservations(now=guard.clock.now()) == []
 
 
-def test_messages_create_with_cache(guard: tokenbudget.Guard, anthropic_client: Any, srv: StandInServer,
-                                    otel: Any) -> None:
+def test_messages_create_with_cache(
+    guard: tokenbudget.Guard, anthropic_client: Any, srv: StandInServer, otel: Any
+) -> None:
     # Reply counts are totals: 1000 input of which 200 cache reads and 300 cache writes (100 of them 1-hour).
-    srv.reply = Reply(text="hi", input_tokens=1000, output_tokens=500, cached_tokens=200, cache_creation_tokens=300,
-                      cache_creation_1h_tokens=100)
+    srv.reply = Reply(
+        text="hi",
+        input_tokens=1000,
+        output_tokens=500,
+        cached_tokens=200,
+        cache_creation_tokens=300,
+        cache_creation_1h_tokens=100,
+    )
     m = anthropic_client.messages.create(model="claude-haiku-4-5", max_tokens=1000, messages=MSG)
     assert m.usage.input_tokens == 500  # the API's own figure excludes cache tokens
     (span,) = otel.spans()
@@ -51,11 +58,13 @@ def test_messages_create_with_cache(guard: tokenbudget.Guard, anthropic_client: 
     no_holds(guard)
 
 
-def test_stream_usage_is_cumulative_not_added(guard: tokenbudget.Guard, anthropic_client: Any, srv: StandInServer,
-                                              otel: Any) -> None:
+def test_stream_usage_is_cumulative_not_added(
+    guard: tokenbudget.Guard, anthropic_client: Any, srv: StandInServer, otel: Any
+) -> None:
     srv.reply = Reply(text="one two three four", input_tokens=50, output_tokens=500)
-    with anthropic_client.messages.create(model="claude-haiku-4-5", max_tokens=1000, messages=MSG,
-                                          stream=True) as stream:
+    with anthropic_client.messages.create(
+        model="claude-haiku-4-5", max_tokens=1000, messages=MSG, stream=True
+    ) as stream:
         events = list(stream)
     assert events[-1].type == "message_stop"
     (span,) = otel.spans()
@@ -64,8 +73,7 @@ def test_stream_usage_is_cumulative_not_added(guard: tokenbudget.Guard, anthropi
     no_holds(guard)
 
 
-def test_messages_stream_helper(guard: tokenbudget.Guard, anthropic_client: Any, srv: StandInServer,
-                                otel: Any) -> None:
+def test_messages_stream_helper(guard: tokenbudget.Guard, anthropic_client: Any, srv: StandInServer, otel: Any) -> None:
     srv.reply = Reply(text="streamed text", input_tokens=70, output_tokens=2)
     with anthropic_client.messages.stream(model="claude-haiku-4-5", max_tokens=100, messages=MSG) as s:
         final = s.get_final_message()
@@ -75,12 +83,14 @@ def test_messages_stream_helper(guard: tokenbudget.Guard, anthropic_client: Any,
     no_holds(guard)
 
 
-async def test_async_create_stream_and_helper(guard: tokenbudget.Guard, async_anthropic_client: Any,
-                                              srv: StandInServer) -> None:
+async def test_async_create_stream_and_helper(
+    guard: tokenbudget.Guard, async_anthropic_client: Any, srv: StandInServer
+) -> None:
     srv.reply = Reply(text="a b", input_tokens=10, output_tokens=2)
     await async_anthropic_client.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MSG)
-    stream = await async_anthropic_client.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MSG,
-                                                          stream=True)
+    stream = await async_anthropic_client.messages.create(
+        model="claude-haiku-4-5", max_tokens=10, messages=MSG, stream=True
+    )
     _ = [e async for e in stream]
     async with async_anthropic_client.messages.stream(model="claude-haiku-4-5", max_tokens=10, messages=MSG) as s:
         await s.get_final_message()
@@ -94,8 +104,9 @@ def test_beta_messages(guard: tokenbudget.Guard, anthropic_client: Any, srv: Sta
     assert spent(guard) == haiku_micros(10, 2)
 
 
-def test_one_span_per_call_even_with_sdk_tracing(guard: tokenbudget.Guard, anthropic_client: Any,
-                                                 srv: StandInServer, otel: Any) -> None:
+def test_one_span_per_call_even_with_sdk_tracing(
+    guard: tokenbudget.Guard, anthropic_client: Any, srv: StandInServer, otel: Any
+) -> None:
     """A global tracer provider is set (conftest), so anthropic would emit its own span; tokenbudget turns it off."""
     anthropic_client.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MSG)
     spans = otel.spans()
@@ -116,8 +127,9 @@ def test_exceeded_before_sending(anthropic_client: Any, srv: StandInServer) -> N
 
 
 @pytest.mark.parametrize("status", [429, 500, 529])
-def test_error_statuses_charge_nothing(guard: tokenbudget.Guard, anthropic_client: Any, srv: StandInServer,
-                                       status: int) -> None:
+def test_error_statuses_charge_nothing(
+    guard: tokenbudget.Guard, anthropic_client: Any, srv: StandInServer, status: int
+) -> None:
     srv.push(Fault(status=status))
     with pytest.raises(anthropic.APIStatusError):
         anthropic_client.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MSG)

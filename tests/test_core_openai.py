@@ -35,11 +35,13 @@ def assert_no_holds(guard: tokenbudget.Guard) -> None:
     assert guard.ledger.active_reservations(now=guard.clock.now()) == []
 
 
-def test_chat_sync_exact_usage_cost_and_span(guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer,
-                                             otel: Any) -> None:
+def test_chat_sync_exact_usage_cost_and_span(
+    guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer, otel: Any
+) -> None:
     srv.reply = Reply(text="hi there", input_tokens=1000, output_tokens=500, cached_tokens=200, reasoning_tokens=50)
-    r = openai_client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}],
-                                              max_tokens=600)
+    r = openai_client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], max_tokens=600
+    )
     assert r.choices[0].message.content == "hi there"
     span = only_span(otel)
     a = span.attributes
@@ -75,19 +77,27 @@ async def test_chat_async(guard: tokenbudget.Guard, async_openai_client: Any, sr
     assert_no_holds(guard)
 
 
-def test_stream_hides_injected_usage_chunk(guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer,
-                                           otel: Any) -> None:
+def test_stream_hides_injected_usage_chunk(
+    guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer, otel: Any
+) -> None:
     srv.reply = Reply(text="one two three", input_tokens=40, output_tokens=3)
     # What the caller sees without tokenbudget:
     tokenbudget.uninstall()
-    bare = [c.model_dump() for c in openai_client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True)]
+    bare = [
+        c.model_dump()
+        for c in openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    ]
     tokenbudget.install({"ledger": "memory://"}, budget_usd=5.0)
     guard = tokenbudget.active_guard()
     assert guard is not None
     srv.clear()
-    chunks = list(openai_client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True))
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    )
     assert srv.requests[-1].body["stream_options"] == {"include_usage": True}  # the guard asked for usage
     assert all(c.choices for c in chunks)  # ... and hid the usage-only chunk
     assert len(chunks) == len(bare)
@@ -99,12 +109,18 @@ def test_stream_hides_injected_usage_chunk(guard: tokenbudget.Guard, openai_clie
     assert_no_holds(guard)
 
 
-def test_stream_keeps_usage_chunk_when_caller_asked(guard: tokenbudget.Guard, openai_client: Any,
-                                                    srv: StandInServer) -> None:
+def test_stream_keeps_usage_chunk_when_caller_asked(
+    guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer
+) -> None:
     srv.reply = Reply(input_tokens=10, output_tokens=4)
-    chunks = list(openai_client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True,
-        stream_options={"include_usage": True}))
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "x"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
     assert spent_micros(guard) == mini_cost_micros(10, 4)
 
@@ -112,7 +128,8 @@ def test_stream_keeps_usage_chunk_when_caller_asked(guard: tokenbudget.Guard, op
 async def test_async_stream(guard: tokenbudget.Guard, async_openai_client: Any, srv: StandInServer, otel: Any) -> None:
     srv.reply = Reply(text="a b c d", input_tokens=77, output_tokens=4)
     stream = await async_openai_client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True)
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+    )
     got = [c async for c in stream]
     assert all(c.choices for c in got)
     assert spent_micros(guard) == mini_cost_micros(77, 4)
@@ -123,8 +140,9 @@ async def test_async_stream(guard: tokenbudget.Guard, async_openai_client: Any, 
 def test_budget_exceeded_before_any_byte(openai_client: Any, srv: StandInServer, otel: Any) -> None:
     guard = tokenbudget.install({"ledger": "memory://"}, budget_usd=0.0001)
     with pytest.raises(tokenbudget.BudgetExceeded) as info:
-        openai_client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hello"}],
-                                              max_tokens=1000)
+        openai_client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hello"}], max_tokens=1000
+        )
     assert srv.requests == []
     err = info.value
     assert isinstance(err, tokenbudget.TokenBudgetError)
@@ -140,13 +158,15 @@ async def test_budget_exceeded_async_before_any_byte(async_openai_client: Any, s
     tokenbudget.install({"ledger": "memory://"}, budget_usd=0.0001)
     with pytest.raises(tokenbudget.BudgetExceeded):
         await async_openai_client.chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "hello"}], max_tokens=1000, stream=True)
+            model="gpt-4o", messages=[{"role": "user", "content": "hello"}], max_tokens=1000, stream=True
+        )
     assert srv.requests == []
 
 
 @pytest.mark.parametrize("status", [429, 500])
-def test_error_status_charges_nothing(guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer, otel: Any,
-                                      status: int) -> None:
+def test_error_status_charges_nothing(
+    guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer, otel: Any, status: int
+) -> None:
     srv.push(Fault(status=status))
     with pytest.raises(openai.APIStatusError) as info:
         openai_client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
@@ -157,12 +177,14 @@ def test_error_status_charges_nothing(guard: tokenbudget.Guard, openai_client: A
     assert only_span(otel).attributes["error.type"] in ("RateLimitError", "InternalServerError")
 
 
-async def test_error_status_async_stream(guard: tokenbudget.Guard, async_openai_client: Any,
-                                         srv: StandInServer) -> None:
+async def test_error_status_async_stream(
+    guard: tokenbudget.Guard, async_openai_client: Any, srv: StandInServer
+) -> None:
     srv.push(Fault(status=500))
     with pytest.raises(openai.InternalServerError):
         await async_openai_client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True)
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+        )
     assert spent_micros(guard) == 0
     assert_no_holds(guard)
 
@@ -173,20 +195,30 @@ def test_timeout_charges_estimated_input(guard: tokenbudget.Guard, srv: StandInS
     messages = [{"role": "user", "content": "please count these words for me"}]
     with pytest.raises(openai.APITimeoutError):
         client.chat.completions.create(model="gpt-4o-mini", messages=messages)
-    est = guard.estimator.input_tokens(tokenbudget.CallRequest(
-        provider="openai", operation="chat", model="gpt-4o-mini", body={"model": "gpt-4o-mini", "messages": messages}))
+    est = guard.estimator.input_tokens(
+        tokenbudget.CallRequest(
+            provider="openai",
+            operation="chat",
+            model="gpt-4o-mini",
+            body={"model": "gpt-4o-mini", "messages": messages},
+        )
+    )
     (event,) = guard.ledger.events()
     assert event.status == "abandoned" and event.input_tokens == est and event.output_tokens == 0
     assert event.cost_micros == mini_cost_micros(est, 0)
     assert_no_holds(guard)
 
 
-async def test_cancel_charges_estimated_input(guard: tokenbudget.Guard, async_openai_client: Any,
-                                              srv: StandInServer) -> None:
+async def test_cancel_charges_estimated_input(
+    guard: tokenbudget.Guard, async_openai_client: Any, srv: StandInServer
+) -> None:
     srv.push(Fault(delay=2.0))
-    task = asyncio.create_task(async_openai_client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]))
-    while not srv.requests:
+    task = asyncio.create_task(
+        async_openai_client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    )
+    for _ in range(500):
+        if srv.requests:
+            break
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -196,11 +228,13 @@ async def test_cancel_charges_estimated_input(guard: tokenbudget.Guard, async_op
     assert_no_holds(guard)
 
 
-def test_abandoned_stream_charged_input_plus_received_output(guard: tokenbudget.Guard, openai_client: Any,
-                                                             srv: StandInServer, otel: Any) -> None:
+def test_abandoned_stream_charged_input_plus_received_output(
+    guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer, otel: Any
+) -> None:
     srv.reply = Reply(text=" ".join(["word"] * 50), input_tokens=100, output_tokens=50)
-    stream = openai_client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}],
-                                                   stream=True)
+    stream = openai_client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+    )
     received = []
     for chunk in stream:
         received.append(chunk.choices[0].delta.content or "")
@@ -211,9 +245,14 @@ def test_abandoned_stream_charged_input_plus_received_output(guard: tokenbudget.
     assert event.status == "abandoned"
     out = guard.estimator.text_tokens("gpt-4o-mini", "".join(received))
     assert event.output_tokens == out and out > 0
-    assert event.input_tokens == guard.estimator.input_tokens(tokenbudget.CallRequest(
-        provider="openai", operation="chat", model="gpt-4o-mini",
-        body={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}))
+    assert event.input_tokens == guard.estimator.input_tokens(
+        tokenbudget.CallRequest(
+            provider="openai",
+            operation="chat",
+            model="gpt-4o-mini",
+            body={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},
+        )
+    )
     assert event.cost_micros == mini_cost_micros(event.input_tokens, out)
     assert_no_holds(guard)
     assert only_span(otel).attributes["tokenbudget.status"] == "abandoned"
@@ -226,7 +265,8 @@ def test_abandoned_stream_garbage_collected(guard: tokenbudget.Guard, openai_cli
 
     def consume_two() -> None:
         stream = openai_client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True)
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+        )
         it = iter(stream)
         next(it)
         next(it)
@@ -242,8 +282,11 @@ def test_truncated_stream_settles(guard: tokenbudget.Guard, openai_client: Any, 
     srv.reply = Reply(text="a b c d e f g h", input_tokens=100, output_tokens=8)
     srv.push(Fault(truncate_after=3))
     with pytest.raises(Exception):  # noqa: B017 - the SDK's own error for a cut connection
-        list(openai_client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True))
+        list(
+            openai_client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+        )
     (event,) = guard.ledger.events()
     assert event.status == "abandoned" and event.cost_micros > 0
     assert_no_holds(guard)
@@ -255,8 +298,9 @@ class Answer(pydantic.BaseModel):
 
 def test_parse_is_guarded(guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer, otel: Any) -> None:
     srv.reply = Reply(text='{"city": "Paris"}', input_tokens=30, output_tokens=7)
-    r = openai_client.chat.completions.parse(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}],
-                                             response_format=Answer)
+    r = openai_client.chat.completions.parse(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], response_format=Answer
+    )
     assert r.choices[0].message.parsed == Answer(city="Paris")
     assert spent_micros(guard) == mini_cost_micros(30, 7)
     assert len(otel.spans()) == 1
@@ -264,16 +308,16 @@ def test_parse_is_guarded(guard: tokenbudget.Guard, openai_client: Any, srv: Sta
 
 def test_chat_stream_helper_is_guarded(guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer) -> None:
     srv.reply = Reply(text="x y", input_tokens=12, output_tokens=2)
-    with openai_client.chat.completions.stream(model="gpt-4o-mini",
-                                               messages=[{"role": "user", "content": "x"}]) as s:
+    with openai_client.chat.completions.stream(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]) as s:
         final = s.get_final_completion()
     assert final.choices[0].message.content == "x y"
     assert spent_micros(guard) == mini_cost_micros(12, 2)
     assert_no_holds(guard)
 
 
-def test_responses_create_and_stream(guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer,
-                                     otel: Any) -> None:
+def test_responses_create_and_stream(
+    guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer, otel: Any
+) -> None:
     srv.reply = Reply(text="resp", input_tokens=90, output_tokens=10, cached_tokens=30, reasoning_tokens=4)
     r = openai_client.responses.create(model="gpt-4o-mini", input="hello", max_output_tokens=100)
     assert r.output_text == "resp"
@@ -287,8 +331,9 @@ def test_responses_create_and_stream(guard: tokenbudget.Guard, openai_client: An
     assert_no_holds(guard)
 
 
-async def test_responses_async_stream_helper(guard: tokenbudget.Guard, async_openai_client: Any,
-                                             srv: StandInServer) -> None:
+async def test_responses_async_stream_helper(
+    guard: tokenbudget.Guard, async_openai_client: Any, srv: StandInServer
+) -> None:
     srv.reply = Reply(text="resp", input_tokens=9, output_tokens=1)
     async with async_openai_client.responses.stream(model="gpt-4o-mini", input="hi") as s:
         final = await s.get_final_response()
@@ -296,12 +341,12 @@ async def test_responses_async_stream_helper(guard: tokenbudget.Guard, async_ope
     assert spent_micros(guard) == mini_cost_micros(9, 1)
 
 
-def test_completions_and_embeddings(guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer,
-                                    otel: Any) -> None:
+def test_completions_and_embeddings(
+    guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer, otel: Any
+) -> None:
     srv.reply = Reply(text="done", input_tokens=20, output_tokens=1)
     openai_client.completions.create(model="gpt-3.5-turbo-instruct", prompt="say done", max_tokens=5)
-    list(openai_client.completions.create(model="gpt-3.5-turbo-instruct", prompt="say done", max_tokens=5,
-                                          stream=True))
+    list(openai_client.completions.create(model="gpt-3.5-turbo-instruct", prompt="say done", max_tokens=5, stream=True))
     srv.reply = Reply(input_tokens=8)
     openai_client.embeddings.create(model="text-embedding-3-small", input="hello world")
     ops = [s.attributes["gen_ai.operation.name"] for s in otel.spans()]
@@ -316,13 +361,16 @@ def test_completions_and_embeddings(guard: tokenbudget.Guard, openai_client: Any
 def test_raw_and_streaming_response_paths(guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer) -> None:
     srv.reply = Reply(input_tokens=100, output_tokens=10)
     raw = openai_client.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+    )
     assert raw.parse().usage.prompt_tokens == 100
     with openai_client.chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]) as resp:
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+    ) as resp:
         assert resp.parse().usage.completion_tokens == 10
     with openai_client.chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True) as resp:
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+    ) as resp:
         assert len(list(resp.parse())) > 0
     assert [e.cost_micros for e in guard.ledger.events()] == [mini_cost_micros(100, 10)] * 3
     assert_no_holds(guard)
@@ -345,8 +393,7 @@ def test_client_created_before_install(srv: StandInServer) -> None:
     assert spent_micros(guard) == mini_cost_micros(10, 2)
 
 
-def test_unknown_model_refused_before_sending(guard: tokenbudget.Guard, openai_client: Any,
-                                              srv: StandInServer) -> None:
+def test_unknown_model_refused_before_sending(guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer) -> None:
     with pytest.raises(tokenbudget.UnknownModelError, match="metacode-7b"):
         openai_client.chat.completions.create(model="metacode-7b", messages=[{"role": "user", "content": "x"}])
     assert srv.requests == []
@@ -355,8 +402,9 @@ def test_unknown_model_refused_before_sending(guard: tokenbudget.Guard, openai_c
 def test_price_override_for_in_house_model(openai_client: Any, srv: StandInServer) -> None:
     guard = tokenbudget.install({"ledger": "memory://", "prices": {"metacode-7b": {"input": 0.10, "output": 0.40}}})
     srv.reply = Reply(input_tokens=1000, output_tokens=1000)
-    openai_client.chat.completions.create(model="metacode-7b", messages=[{"role": "user", "content": "x"}],
-                                          max_tokens=2000)
+    openai_client.chat.completions.create(
+        model="metacode-7b", messages=[{"role": "user", "content": "x"}], max_tokens=2000
+    )
     assert spent_micros(guard) == 100 + 400
 
 

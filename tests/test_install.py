@@ -14,9 +14,15 @@ import openai._streaming as ost
 import tokenbudget
 
 TARGETS = [
-    (obc.SyncAPIClient, "request"), (obc.AsyncAPIClient, "request"), (ost.Stream, "_iter_events"),
-    (ost.AsyncStream, "_iter_events"), (abc_.SyncAPIClient, "request"), (abc_.AsyncAPIClient, "request"),
-    (ast_.Stream, "_iter_events"), (ast_.AsyncStream, "_iter_events"), (abc_.BaseClient, "_tracer"),
+    (obc.SyncAPIClient, "request"),
+    (obc.AsyncAPIClient, "request"),
+    (ost.Stream, "_iter_events"),
+    (ost.AsyncStream, "_iter_events"),
+    (abc_.SyncAPIClient, "request"),
+    (abc_.AsyncAPIClient, "request"),
+    (ast_.Stream, "_iter_events"),
+    (ast_.AsyncStream, "_iter_events"),
+    (abc_.BaseClient, "_tracer"),
 ]
 
 
@@ -24,12 +30,12 @@ def test_uninstall_restores_identical_objects() -> None:
     before = [owner.__dict__[name] for owner, name in TARGETS]
     g1 = tokenbudget.install({"ledger": "memory://"})
     during = [owner.__dict__[name] for owner, name in TARGETS]
-    assert all(a is not b for a, b in zip(before, during))
+    assert all(a is not b for a, b in zip(before, during, strict=True))
     assert tokenbudget.install() is g1  # idempotent: no second layer of wrapping
     assert [owner.__dict__[name] for owner, name in TARGETS] == during
     tokenbudget.uninstall()
     after = [owner.__dict__[name] for owner, name in TARGETS]
-    assert all(a is b for a, b in zip(before, after))
+    assert all(a is b for a, b in zip(before, after, strict=True))
     assert tokenbudget.active_guard() is None
     tokenbudget.uninstall()  # twice is harmless
 

@@ -29,8 +29,13 @@ def _worker(ledger_url: str, base_url: str, limit_usd: float, threads: int, out:
 
     import tokenbudget as tb
 
-    tb.install({"ledger": ledger_url, "team": "search",
-                "budgets": [{"scope": "team:search", "limit_usd": limit_usd}, {"scope": "org", "limit_usd": 100}]})
+    tb.install(
+        {
+            "ledger": ledger_url,
+            "team": "search",
+            "budgets": [{"scope": "team:search", "limit_usd": limit_usd}, {"scope": "org", "limit_usd": 100}],
+        }
+    )
     client = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0)
     ok = refused = 0
     lock = threading.Lock()
@@ -56,9 +61,13 @@ def _worker(ledger_url: str, base_url: str, limit_usd: float, threads: int, out:
 
 def _per_call_micros() -> tuple[int, int]:
     guard = tokenbudget.Guard(tokenbudget.Settings(ledger="memory://"))
-    request = tokenbudget.CallRequest(provider="openai", operation="chat", model="gpt-4o",
-                                      body={"model": "gpt-4o", "messages": MSG, "max_tokens": MAX_TOKENS},
-                                      max_output_tokens=MAX_TOKENS)
+    request = tokenbudget.CallRequest(
+        provider="openai",
+        operation="chat",
+        model="gpt-4o",
+        body={"model": "gpt-4o", "messages": MSG, "max_tokens": MAX_TOKENS},
+        max_output_tokens=MAX_TOKENS,
+    )
     ticket = guard.begin(request)
     ticket.unsent(RuntimeError("probe"))
     return ticket.reserved_micros, ticket.input_tokens
@@ -100,12 +109,19 @@ def test_sigkilled_process_gives_its_reservation_back_after_the_lease(tmp_path: 
     url = f"sqlite:///{tmp_path}/lease.db"
     config = {"ledger": url, "lease_seconds": 30, "budgets": [{"scope": "org", "limit_usd": 0.015}]}
     srv.push(Fault(delay=60))  # the child's call hangs at the vendor
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import openai, tokenbudget
         tokenbudget.install({config!r})
         openai.OpenAI(base_url={srv.openai_base_url!r}, api_key="k", max_retries=0).chat.completions.create(
             model="gpt-4o", messages=[{{"role": "user", "content": "hi"}}], max_tokens=1000)
-    """)], env={**os.environ})
+    """),
+        ],
+        env={**os.environ},
+    )
     deadline = time.time() + 60
     while not srv.requests and time.time() < deadline:
         time.sleep(0.05)

@@ -25,8 +25,9 @@ def test_span_nests_under_current_span(guard: tokenbudget.Guard, openai_client: 
     assert child.context.trace_id == parent.get_span_context().trace_id
 
 
-def test_metrics_tokens_duration_cost(guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer,
-                                      otel: Any) -> None:
+def test_metrics_tokens_duration_cost(
+    guard: tokenbudget.Guard, openai_client: Any, srv: StandInServer, otel: Any
+) -> None:
     def total(name: str, **match: Any) -> float:
         pts = [p for p in otel.metric_points(name) if all(p.attributes.get(k) == v for k, v in match.items())]
         return sum(getattr(p, "sum", getattr(p, "value", 0)) for p in pts)
@@ -36,12 +37,19 @@ def test_metrics_tokens_duration_cost(guard: tokenbudget.Guard, openai_client: A
     srv.reply = Reply(input_tokens=1000, output_tokens=100)
     with tokenbudget.scope(team="search", user="ann"):
         openai_client.chat.completions.create(model="gpt-4o", messages=MSG)
-    assert total("gen_ai.client.token.usage", **{"gen_ai.token.type": "input",
-                                                 "gen_ai.request.model": "gpt-4o"}) - before_in == 1000
-    assert total("tokenbudget.cost", **{"gen_ai.request.model": "gpt-4o", "tokenbudget.team": "search"}) - before_cost \
-        == pytest.approx(0.0035)  # $2.50 x 1000 + $10 x 100 per MTok
-    durations = [p for p in otel.metric_points("gen_ai.client.operation.duration")
-                 if p.attributes.get("gen_ai.request.model") == "gpt-4o"]
+    assert (
+        total("gen_ai.client.token.usage", **{"gen_ai.token.type": "input", "gen_ai.request.model": "gpt-4o"})
+        - before_in
+        == 1000
+    )
+    assert total(
+        "tokenbudget.cost", **{"gen_ai.request.model": "gpt-4o", "tokenbudget.team": "search"}
+    ) - before_cost == pytest.approx(0.0035)  # $2.50 x 1000 + $10 x 100 per MTok
+    durations = [
+        p
+        for p in otel.metric_points("gen_ai.client.operation.duration")
+        if p.attributes.get("gen_ai.request.model") == "gpt-4o"
+    ]
     assert durations and durations[0].count >= 1
 
 

@@ -52,12 +52,13 @@ def _resolve_owner(module: Any, dotted: str) -> tuple[Any, str]:
 def _wrappers(sdk: str) -> tuple[Any, tuple[tuple[str, str, str], ...]]:
     from .integrations import base
 
+    mod: Any
     if sdk == "openai":
         from .integrations import openai as mod
 
         adapter: Any = mod.OpenAIAdapter()
     else:
-        from .integrations import anthropic as mod  # type: ignore[no-redef]
+        from .integrations import anthropic as mod
 
         adapter = mod.AnthropicAdapter()
     table = {
@@ -132,14 +133,17 @@ def install(
     elif ledger is not None and not isinstance(ledger, Ledger):
         from .errors import ConfigError
 
-        raise ConfigError(f"expected a URL string or a Ledger, got {type(ledger).__name__}", key="ledger",
-                          source="install()")
+        raise ConfigError(
+            f"expected a URL string or a Ledger, got {type(ledger).__name__}", key="ledger", source="install()"
+        )
     with _lock:
         fresh_args = config is not None or settings or ledger is not None or clock is not None
         if _guard is not None and not fresh_args and tracer_provider is None and meter_provider is None:
             return _guard
         resolved = load_settings(config, **settings)
-        new = Guard(resolved, ledger=ledger, clock=clock, tracer_provider=tracer_provider, meter_provider=meter_provider)
+        new = Guard(
+            resolved, ledger=ledger, clock=clock, tracer_provider=tracer_provider, meter_provider=meter_provider
+        )
         from .alerts import attach_alerts, detach_alerts
 
         attach_alerts(new)

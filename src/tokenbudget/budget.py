@@ -1,4 +1,4 @@
-"""Per-invocation budgets for agent functions: ``@tokenbudget.budget(limit_usd=...)`` or ``with tokenbudget.budget(...)``.
+"""Per-invocation budgets for agent functions: ``@tokenbudget.budget(...)`` or ``with tokenbudget.budget(...)``.
 
 Each invocation gets its own allowance, reserved against together with the configured budgets (all or none);
 nested budgeted functions are charged at every level. The active runs live in a ``contextvars`` stack, so they
@@ -11,10 +11,10 @@ import contextvars
 import functools
 import inspect
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeVar, cast, overload
+from typing import Any, Literal, TypeVar, overload
 
 from .config import BudgetRule
 from .errors import ConfigError
@@ -62,8 +62,15 @@ def _record_run_end(run: _Run, failed: bool) -> None:
     try:
         guard.ledger.record(
             CallEvent(
-                id=run.run_id, time=guard.clock.now(), provider="tokenbudget", model="-", operation="function_run",
-                status="error" if failed else "ok", decision="allow", function=run.name, run_id=run.run_id,
+                id=run.run_id,
+                time=guard.clock.now(),
+                provider="tokenbudget",
+                model="-",
+                operation="function_run",
+                status="error" if failed else "ok",
+                decision="allow",
+                function=run.name,
+                run_id=run.run_id,
                 budget_keys=(run.allowance.key,),
             )
         )
@@ -73,7 +80,7 @@ def _record_run_end(run: _Run, failed: bool) -> None:
         logging.getLogger("tokenbudget").exception("could not record the end of budgeted run %s", run.name)
 
 
-class budget:  # noqa: N801 - used as a decorator, reads like a function
+class budget:
     """An allowance for each invocation of a function (or each ``with`` block).
 
     ``on_exhaust`` is ``raise`` (default), ``downgrade``, ``clamp`` or ``warn``, as for configured budgets.
@@ -90,7 +97,10 @@ class budget:  # noqa: N801 - used as a decorator, reads like a function
     ) -> None:
         try:
             self.rule = BudgetRule(
-                scope="org", limit_usd=limit_usd, limit_tokens=limit_tokens, on_exhaust=on_exhaust,
+                scope="org",
+                limit_usd=limit_usd,
+                limit_tokens=limit_tokens,
+                on_exhaust=on_exhaust,
                 min_output_tokens=min_output_tokens,
             )
         except Exception as exc:  # pydantic ValidationError -> our error type, naming the argument
@@ -104,9 +114,12 @@ class budget:  # noqa: N801 - used as a decorator, reads like a function
         run_id = uuid.uuid4().hex
         rule = self.rule
         allowance = Allowance(
-            key=f"fn:{name}#{run_id}", scope=f"fn:{name}",
+            key=f"fn:{name}#{run_id}",
+            scope=f"fn:{name}",
             limit_micros=None if rule.limit_usd is None else usd_to_micros(rule.limit_usd),
-            limit_tokens=rule.limit_tokens, window_end=None, enforce=rule.on_exhaust != "warn",
+            limit_tokens=rule.limit_tokens,
+            window_end=None,
+            enforce=rule.on_exhaust != "warn",
         )
         return _Run(name, run_id, rule, allowance)
 
@@ -117,7 +130,9 @@ class budget:  # noqa: N801 - used as a decorator, reads like a function
         self._tokens.append(_runs.set((*_runs.get(), run)))
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         _runs.reset(self._tokens.pop())
         _record_run_end(self._active.pop(), exc is not None)
 
@@ -177,8 +192,10 @@ class budget:  # noqa: N801 - used as a decorator, reads like a function
 
         return run_sync
 
-    def _wrap_gen(self, fn: Callable[..., Iterator[Any]], name: str) -> Callable[..., Iterator[Any]]:
-        def run_gen(*args: Any, **kwargs: Any) -> Iterator[Any]:
+    def _wrap_gen(
+        self, fn: Callable[..., Generator[Any, Any, Any]], name: str
+    ) -> Callable[..., Generator[Any, Any, Any]]:
+        def run_gen(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
             run = self._new_run(name)
             ctx = contextvars.copy_context()
             ctx.run(lambda: _runs.set((*_runs.get(), run)))
@@ -191,7 +208,7 @@ class budget:  # noqa: N801 - used as a decorator, reads like a function
                         item = ctx.run(gen.send, value)
                     except StopIteration as stop:
                         failed = False
-                        return cast(Iterator[Any], stop.value)
+                        return stop.value
                     value = yield item
             finally:
                 gen.close()

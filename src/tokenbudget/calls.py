@@ -33,7 +33,7 @@ class CallRequest:
 
 @dataclass(slots=True)
 class Usage:
-    """Tokens a vendor billed. ``input_tokens`` is the total, including cache reads and cache writes (OTel convention)."""
+    """Tokens a vendor billed. ``input_tokens`` is the total, cache reads and writes included (OTel convention)."""
 
     input_tokens: int = 0
     output_tokens: int = 0

@@ -23,7 +23,7 @@ from .errors import ConfigError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["AlertSettings", "BudgetRule", "DowngradeTarget", "Settings", "load_settings"]
 
@@ -161,7 +161,10 @@ class Settings(_Model):
         if self.budget_usd is None and self.budget_tokens is None:
             return self.budgets
         shorthand = BudgetRule(
-            scope="org", limit_usd=self.budget_usd, limit_tokens=self.budget_tokens, on_exhaust=self.on_exhaust,
+            scope="org",
+            limit_usd=self.budget_usd,
+            limit_tokens=self.budget_tokens,
+            on_exhaust=self.on_exhaust,
             name="budget",
         )
         return (shorthand, *self.budgets)
@@ -209,7 +212,8 @@ def validate_settings(data: Mapping[str, Any], source: str) -> Settings:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data: dict[str, Any] = tomllib.load(fh)
+            return data
     except FileNotFoundError:
         raise ConfigError("file not found; check TOKENBUDGET_CONFIG or the path given to install()", source=str(path))
     except tomllib.TOMLDecodeError as exc:
@@ -243,7 +247,9 @@ def _env_settings() -> dict[str, Any]:
     return out
 
 
-def load_settings(config: str | os.PathLike[str] | Mapping[str, Any] | Settings | None = None, **settings: Any) -> Settings:
+def load_settings(
+    config: str | os.PathLike[str] | Mapping[str, Any] | Settings | None = None, **settings: Any
+) -> Settings:
     """Merge every source into one validated :class:`Settings`; raises :class:`ConfigError` naming the culprit."""
     if isinstance(config, Settings):
         base: dict[str, Any] = config.model_dump(exclude_defaults=True)

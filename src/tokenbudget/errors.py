@@ -1,4 +1,4 @@
-"""Every error tokenbudget raises derives from :class:`TokenBudgetError`, so callers can catch ours apart from the SDK's."""
+"""Every error tokenbudget raises derives from :class:`TokenBudgetError`, so callers can tell ours from the SDK's."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class UnknownModelError(TokenBudgetError, LookupError):
         super().__init__(
             f"no price is known for model {model!r}{where}. Price it with "
             f"tokenbudget.install(prices={{{model!r}: {{'input': USD_PER_MTOK, 'output': USD_PER_MTOK}}}}) "
-            f"or a [prices.{model!r}] table in tokenbudget.toml, or set unknown_model = \"warn\" to charge "
+            f'or a [prices.{model!r}] table in tokenbudget.toml, or set unknown_model = "warn" to charge '
             "the stated fallback price instead."
         )
 

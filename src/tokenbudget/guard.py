@@ -192,7 +192,7 @@ class Guard:
                 if brown:
                     balances = yield _Balances(tuple(m.allowance for m in brown))
                     assert isinstance(balances, list)
-                    for m, bal in zip(brown, balances):
+                    for m, bal in zip(brown, balances, strict=True):
                         target = self._target(request.model)
                         if target is not None and _fraction_spent(bal) >= (m.rule.downgrade_at or 0.0):
                             plan, route = self._downgraded(plan, target), target
@@ -233,6 +233,7 @@ class Guard:
                         matches = self.policy.matches(principal, plan.request.model, now)
                         continue
                 raise self._exceeded(result, plan)
+            assert isinstance(result, Refusal)
             raise self._exceeded(result, plan)
         except BaseException as exc:
             self.telemetry.refused(span, exc, decision="deny", estimated_micros=plan.micros)

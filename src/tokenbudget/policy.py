@@ -49,7 +49,9 @@ def parse_scope(scope: str) -> tuple[_Part, ...]:
             parts.append(_Part("org", None, value or None))
             continue
         if not sep or not value:
-            raise ConfigError(f"scope part {raw!r} in {scope!r} needs a value, e.g. {kind}:NAME or {kind}:*", key="scope")
+            raise ConfigError(
+                f"scope part {raw!r} in {scope!r} needs a value, e.g. {kind}:NAME or {kind}:*", key="scope"
+            )
         if kind == "tag":
             tkey, eq, tval = value.partition("=")
             if not eq or not tkey or not tval:
@@ -138,9 +140,7 @@ class Policy:
         self.rules = rules
         self.timezone = timezone
         self._parsed = [(i, r, parse_scope(r.scope)) for i, r in enumerate(rules)]
-        self._limits = [
-            (None if r.limit_usd is None else usd_to_micros(r.limit_usd), r.limit_tokens) for r in rules
-        ]
+        self._limits = [(None if r.limit_usd is None else usd_to_micros(r.limit_usd), r.limit_tokens) for r in rules]
 
     def matches(self, principal: Principal, model: str, now: float) -> list[RuleMatch]:
         """Every allowance covering this caller and model at ``now``.
@@ -156,8 +156,10 @@ class Policy:
                 continue
             start, end = window(rule.period, self.timezone, now)
             named = f"#{rule.name}" if rule.name else ""
-            key = f"{resolved}{named}@{rule.period}" if rule.period == "total" else (
-                f"{resolved}{named}@{rule.period}:{int(start)}"
+            key = (
+                f"{resolved}{named}@{rule.period}"
+                if rule.period == "total"
+                else (f"{resolved}{named}@{rule.period}:{int(start)}")
             )
             lm, lt = self._limits[i]
             prior = out.get(key)
@@ -167,8 +169,12 @@ class Policy:
                 lt = _tighter(pa.limit_tokens, lt)
                 rule = prior.rule if prior.rule.on_exhaust != "warn" else rule
             allowance = Allowance(
-                key=key, scope=resolved, limit_micros=lm, limit_tokens=lt,
-                window_end=None if rule.period == "total" else end, enforce=rule.on_exhaust != "warn",
+                key=key,
+                scope=resolved,
+                limit_micros=lm,
+                limit_tokens=lt,
+                window_end=None if rule.period == "total" else end,
+                enforce=rule.on_exhaust != "warn",
             )
             out[key] = RuleMatch(rule, allowance)
         return list(out.values())

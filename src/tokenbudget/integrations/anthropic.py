@@ -122,9 +122,15 @@ class AnthropicAdapter:
         max_out = body.get("max_tokens")
         base = client.base_url
         return CallRequest(
-            provider="anthropic", operation="chat", model=body["model"], body=body,
-            stream=stream or bool(body.get("stream")), max_output_tokens=max_out if isinstance(max_out, int) else None,
-            server_address=base.host, server_port=base.port, api="anthropic",
+            provider="anthropic",
+            operation="chat",
+            model=body["model"],
+            body=body,
+            stream=stream or bool(body.get("stream")),
+            max_output_tokens=max_out if isinstance(max_out, int) else None,
+            server_address=base.host,
+            server_port=base.port,
+            api="anthropic",
         )
 
     def rewrite(self, options: Any, ticket: Ticket) -> bool:

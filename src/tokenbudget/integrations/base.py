@@ -132,7 +132,9 @@ def _guard_or_none() -> Guard | None:
 
 
 def make_request_wrapper(adapter: Adapter) -> Callable[..., Any]:
-    def request_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def request_wrapper(
+        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         guard = _guard_or_none()
         if guard is None:
             return wrapped(*args, **kwargs)

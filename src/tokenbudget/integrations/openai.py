@@ -11,7 +11,7 @@ from ..streams import StreamMeter
 if TYPE_CHECKING:
     from ..guard import Ticket
 
-__all__ = ["OpenAIAdapter", "PATCHES"]
+__all__ = ["PATCHES", "OpenAIAdapter"]
 
 _OPERATIONS = {
     "/chat/completions": "chat",
@@ -165,8 +165,15 @@ class OpenAIAdapter:
         base = client.base_url
         provider = "azure.ai.openai" if type(client).__name__.endswith("AzureOpenAI") else "openai"
         return CallRequest(
-            provider=provider, operation=operation, model=model, body=body, stream=stream or bool(body.get("stream")),
-            max_output_tokens=max_out, server_address=base.host, server_port=base.port, api="openai",
+            provider=provider,
+            operation=operation,
+            model=model,
+            body=body,
+            stream=stream or bool(body.get("stream")),
+            max_output_tokens=max_out,
+            server_address=base.host,
+            server_port=base.port,
+            api="openai",
         )
 
     def rewrite(self, options: Any, ticket: Ticket) -> bool:
@@ -177,7 +184,9 @@ class OpenAIAdapter:
             changes["model"] = req.model
         if ticket.decision == "clamp" and req.max_output_tokens is not None:
             present = next((f for f in _MAX_FIELDS if f in body), None)
-            field = present or ("max_output_tokens" if options.url.startswith("/responses") else "max_completion_tokens")
+            field = present or (
+                "max_output_tokens" if options.url.startswith("/responses") else "max_completion_tokens"
+            )
             changes[field] = req.max_output_tokens
         hide = False
         if req.stream and req.operation in ("chat", "text_completion") and not options.url.startswith("/responses"):

@@ -101,10 +101,14 @@ def effective_limits(allowance: Allowance, grants_micros: int, grants_tokens: in
 
 def fits(balance: Balance, micros: int, tokens: int) -> bool:
     """Whether ``micros``/``tokens`` more fit under the (grant-raised) limits of ``balance``."""
-    if balance.limit_micros is not None and balance.spent_micros + balance.reserved_micros + micros > balance.limit_micros:
+    if (
+        balance.limit_micros is not None
+        and balance.spent_micros + balance.reserved_micros + micros > balance.limit_micros
+    ):
         return False
     return not (
-        balance.limit_tokens is not None and balance.spent_tokens + balance.reserved_tokens + tokens > balance.limit_tokens
+        balance.limit_tokens is not None
+        and balance.spent_tokens + balance.reserved_tokens + tokens > balance.limit_tokens
     )
 
 
@@ -129,7 +133,9 @@ class Ledger(abc.ABC):
         lease expired is still charged (the money was spent), but its hold is already gone.
         """
 
-    def commit(self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None = None, *, now: float) -> bool:
+    def commit(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None = None, *, now: float
+    ) -> bool:
         return self.settle(reservation, micros, tokens, event, now=now)
 
     def release(self, reservation: Reservation, event: CallEvent | None = None, *, now: float) -> bool:
