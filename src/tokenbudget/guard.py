@@ -292,8 +292,10 @@ class Guard:
                     ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
                 )
             return [self.ledger.balance(a, now=now) for a in ask.allowances]
+        except LedgerUnavailable:
+            raise
         except LedgerError as exc:
-            raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) could not be reached: {exc}") from exc
+            raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) refused the reservation: {exc}") from exc
 
     async def _aanswer(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance]:
         if self._deferred:
@@ -305,8 +307,10 @@ class Guard:
                     ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
                 )
             return [self.ledger.balance(a, now=now) for a in ask.allowances]
+        except LedgerUnavailable:
+            raise
         except LedgerError as exc:
-            raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) could not be reached: {exc}") from exc
+            raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) refused the reservation: {exc}") from exc
 
     # -- policies ----------------------------------------------------------------------------------------------
     def _target(self, model: str) -> DowngradeTarget | None:
