@@ -12,12 +12,15 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tiktoken
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from tokenbudget import estimate
@@ -650,3 +653,220 @@ def test_thread_safety() -> None:
         thread.join()
     assert not failures
     assert est._used <= 2_000
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fast path for plain chat requests, growing-conversation prefix reuse, preload
+
+_WORDS = st.sampled_from(["plan", " tool", "résumé", " 🙂", "\n", "x" * 40, "<|endoftext|>", " ", "", "user", "42"])
+_TEXT = st.lists(_WORDS, max_size=8).map("".join)
+_ROLE = st.sampled_from(["user", "assistant", "system", "developer", "tool", "function", "critic", ""])
+_OPENAI_MESSAGE = st.fixed_dictionaries(
+    {"role": _ROLE, "content": st.one_of(_TEXT, st.none())}, optional={"name": _TEXT}
+)
+_ANTHROPIC_CONTENT = st.one_of(
+    _TEXT,
+    st.none(),
+    _TEXT.map(lambda t: [{"type": "text", "text": t}]),
+    _TEXT.map(lambda t: [{"type": "text", "text": t, "cache_control": {"type": "ephemeral"}}]),
+)
+_ANTHROPIC_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant"]), "content": _ANTHROPIC_CONTENT}
+)
+_TOOLS = st.one_of(st.none(), st.just([{"type": "function", "function": {"name": "run", "parameters": {}}}]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    messages=st.lists(_OPENAI_MESSAGE, max_size=12),
+    model=st.sampled_from(["gpt-4o", "gpt-4", "claude-sonnet-4-5"]),
+    tools=_TOOLS,
+    grow=st.integers(0, 3),
+)
+def test_fast_path_matches_generic_openai(messages: list[dict[str, Any]], model: str, tools: Any, grow: int) -> None:
+    est = Estimator()
+    body: dict[str, Any] = {"tools": tools} if tools else {}
+    for size in sorted({max(0, len(messages) - grow), len(messages)}):  # the second call reuses the first's prefix
+        request = chat(model, messages=messages[:size], **body)
+        assert est.input_tokens(request) == est._input_tokens_generic(request)
+        assert est.input_tokens(request) == Estimator(cache_chars=0).input_tokens(request)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    messages=st.lists(_ANTHROPIC_MESSAGE, max_size=12),
+    system=st.one_of(st.none(), _TEXT),
+    tools=st.one_of(st.none(), st.just([{"name": "run", "input_schema": {"type": "object"}}])),
+    grow=st.integers(0, 3),
+)
+def test_fast_path_matches_generic_anthropic(
+    messages: list[dict[str, Any]], system: str | None, tools: Any, grow: int
+) -> None:
+    est = Estimator()
+    body: dict[str, Any] = {"system": system, "tools": tools}
+    for size in sorted({max(0, len(messages) - grow), len(messages)}):
+        request = claude(messages=messages[:size], **body)
+        assert est.input_tokens(request) == est._input_tokens_generic(request)
+        assert est.input_tokens(request) == Estimator(cache_chars=0).input_tokens(request)
+
+
+def test_role_constants_match_tiktoken(est: Estimator) -> None:
+    for name, encoder in (("o200k_base", O200K), ("cl100k_base", CL100K)):
+        for role, tokens in estimate._ROLE_TOKENS[name].items():
+            assert tokens == len(encoder.encode_ordinary(role))
+    for role, tokens in estimate._APPROX_ROLE_TOKENS.items():
+        assert tokens == estimate._approx_tokens(role)
+    calls = est.encode_calls
+    est.input_tokens(chat(messages=[{"role": "system", "content": "hi"}, {"role": "assistant", "content": "ho"}]))
+    assert est.encode_calls == calls + 2  # the contents only, never a role name
+    assert ("o200k_base", "system") not in est._cache and ("o200k_base", "assistant") not in est._cache
+
+
+def test_growing_conversation_counts_only_new_messages(est: Estimator) -> None:
+    rng = random.Random(5)
+    words = ["plan", "tool", "result", "error", "retry", "file", "patch", "test", "ok", "diff"]
+    conversation: list[dict[str, Any]] = [{"role": "system", "content": "You are a coding agent. " * 20}]
+    for turn in range(200):
+        role = "user" if turn % 2 == 0 else "assistant"
+        conversation.append({"role": role, "content": " ".join(rng.choice(words) for _ in range(60)) + f" #{turn}"})
+        lookups, misses = est.cache_lookups, est.cache_misses
+        got = est.input_tokens(chat(messages=list(conversation)))
+        if turn >= 1:  # call 1 has one message: nothing to reuse yet; every later call looks up the new text only
+            assert (est.cache_lookups - lookups, est.cache_misses - misses) == (1, 1), turn
+        if turn % 50 == 0:
+            assert got == Estimator(cache_chars=0).input_tokens(chat(messages=conversation))
+    # same list again: nothing at all is looked up
+    lookups = est.cache_lookups
+    expected = Estimator(cache_chars=0).input_tokens(chat(messages=conversation))
+    assert est.input_tokens(chat(messages=conversation)) == expected
+    assert est.cache_lookups == lookups
+    # mutated in place: same dict, new content, new role, an added name; each is noticed and counted again
+    conversation[10]["content"] = "a completely different message, much longer than before " * 5
+    assert est.input_tokens(chat(messages=conversation)) == Estimator(cache_chars=0).input_tokens(
+        chat(messages=conversation)
+    )
+    conversation[20]["role"] = "developer"
+    conversation[30]["name"] = "alice"
+    assert est.input_tokens(chat(messages=conversation)) == Estimator(cache_chars=0).input_tokens(
+        chat(messages=conversation)
+    )
+    del conversation[40]["content"]
+    conversation[40]["content"] = conversation[41]["content"]  # same keys re-added: order and values compared
+    assert est.input_tokens(chat(messages=conversation)) == Estimator(cache_chars=0).input_tokens(
+        chat(messages=conversation)
+    )
+    conversation[50] = {"role": "user", "content": [{"type": "text", "text": "parts: the generic walker"}]}
+    assert est.input_tokens(chat(messages=conversation)) == Estimator(cache_chars=0).input_tokens(
+        chat(messages=conversation)
+    )
+
+
+def test_growing_anthropic_conversation_and_mutated_block(est: Estimator) -> None:
+    history: list[dict[str, Any]] = []
+    for turn in range(60):
+        content: Any = f"message {turn} " * 10
+        if turn % 3 == 0:
+            content = [{"type": "text", "text": content}]
+        history.append({"role": "user" if turn % 2 == 0 else "assistant", "content": content})
+        lookups = est.cache_lookups
+        request = claude(messages=list(history), system="be brief")
+        got = est.input_tokens(request)
+        if turn >= 2:
+            assert est.cache_lookups - lookups == 2  # the new text and the system prompt
+        assert got == est._input_tokens_generic(request)
+    history[3]["content"][0]["text"] = "changed in place " * 30
+    request = claude(messages=history, system="be brief")
+    assert est.input_tokens(request) == Estimator(cache_chars=0).input_tokens(request)
+    history[6]["content"].append({"type": "text", "text": "second block"})
+    request = claude(messages=history, system="be brief")
+    assert est.input_tokens(request) == Estimator(cache_chars=0).input_tokens(request)
+
+
+def test_interleaved_conversations_each_reuse_their_prefix(est: Estimator) -> None:
+    system = {"role": "system", "content": "shared system message"}  # one dict shared by every conversation
+    conversations: list[list[dict[str, Any]]] = [[system] for _ in range(4)]
+    for turn in range(30):
+        for i, conversation in enumerate(conversations):
+            conversation.append({"role": "user", "content": f"conversation {i} turn {turn} " * 5})
+            lookups = est.cache_lookups
+            got = est.input_tokens(chat(messages=conversation))
+            if turn >= 1:
+                assert est.cache_lookups - lookups == 1  # the new text only
+            assert got == est._input_tokens_generic(chat(messages=conversation))
+
+
+def test_cache_bound_honest_without_lru_refresh() -> None:
+    budget = 20_000
+    est = Estimator(cache_chars=budget)
+    rng = random.Random(11)
+    texts = [f"{i} " + "w " * rng.choice([1, 10, 300, 700, 2_000]) for i in range(400)]
+    for _ in range(3):
+        for text in rng.sample(texts, 150):
+            est.input_tokens(chat(messages=[{"role": "user", "content": text}]))
+            assert est._used <= budget
+            assert est._used == sum(len(t) + estimate.CACHE_ENTRY_OVERHEAD_CHARS for _, t in est._cache)
+    # a long text (>= PROMOTE_CHARS) that keeps being hit survives a flood of new short texts; a short one does not
+    est = Estimator(cache_chars=10 * (estimate.PROMOTE_CHARS + 100))
+    long_text = "long " * (estimate.PROMOTE_CHARS // 5 + 1)
+    est.input_tokens(chat(messages=[{"role": "user", "content": long_text}]))
+    est.input_tokens(chat(messages=[{"role": "user", "content": "short text"}]))
+    for i in range(2_000):
+        est.input_tokens(chat(messages=[{"role": "user", "content": f"filler {i:06d}"}]))
+        if i % 50 == 0:
+            est.input_tokens(chat(messages=[{"role": "user", "content": long_text}]))
+    assert ("o200k_base", long_text) in est._cache
+    assert ("o200k_base", "short text") not in est._cache
+
+
+def test_preload_returns_at_once_and_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded: list[str] = []
+    release = threading.Event()
+
+    def slow(name: str) -> Any:
+        release.wait(5)
+        loaded.append(name)
+        return tiktoken.get_encoding(name)
+
+    registry = estimate._EncodingRegistry(slow, wait_seconds=10)
+    monkeypatch.setattr(estimate, "_REGISTRY", registry)
+    est = Estimator()
+    t0 = time.perf_counter()
+    est.preload()
+    est.preload(["gpt-4o", "claude-sonnet-4-6", "gpt-4o-mini"])  # idempotent
+    est.preload("gpt-4o")
+    assert time.perf_counter() - t0 < 0.5  # never waits for the (blocked) loader
+    deadline = time.monotonic() + 5
+    while len(registry._slots) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert set(registry._slots) == {"o200k_base", "cl100k_base"}
+    release.set()
+    for slot in list(registry._slots.values()):
+        assert slot.done.wait(5)
+    assert sorted(loaded) == ["cl100k_base", "o200k_base"]  # each loaded once
+    assert est.input_tokens(chat(messages=[{"role": "user", "content": "hello world"}])) == 3 + 1 + 2 + 3
+    assert est.encoding_name("claude-sonnet-4-6") == "cl100k_base"
+    assert sorted(loaded) == ["cl100k_base", "o200k_base"]
+
+
+def test_preload_without_network_keeps_single_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(name: str) -> Any:
+        raise OSError("no network")
+
+    registry = estimate._EncodingRegistry(broken)
+    monkeypatch.setattr(estimate, "_REGISTRY", registry)
+    est = Estimator()
+    with caplog.at_level(logging.WARNING, logger="tokenbudget.estimate"):
+        est.preload()
+        deadline = time.monotonic() + 5
+        while not (len(registry._slots) == 2 and all(s.done.is_set() for s in registry._slots.values())):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert not caplog.records  # preloading never warns
+        est.preload()
+        request = chat(messages=[{"role": "user", "content": "hello world"}])
+        assert est.input_tokens(request) == 3 + estimate._approx_tokens("user") + 4 + 3
+        assert est.input_tokens(request) == est._input_tokens_generic(request)
+        est.input_tokens(claude(messages=[{"role": "user", "content": "hi"}]))
+    assert sum("cannot load tiktoken encoding" in r.getMessage() for r in caplog.records) == 1

@@ -92,8 +92,10 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from functools import lru_cache
+from itertools import chain
+from operator import is_
 from typing import Any, Final, Protocol
 
 from tokenbudget.calls import CallRequest
@@ -151,6 +153,11 @@ CLAUDE_TOOLS_SYSTEM_PROMPT: Final = 346
 CHUNK_CHARS: Final = 8192
 CACHE_ENTRY_OVERHEAD_CHARS: Final = 64
 """Charged per cache entry on top of its length, so a flood of tiny strings is bounded too."""
+PROMOTE_CHARS: Final = 1024
+"""Cache hits on texts at least this long move the entry to the recent end (LRU); shorter entries age first-in,
+first-out, which spares a ``move_to_end`` per role name and short message (re-encoding one costs a few µs)."""
+PREFIX_SLOTS: Final = 16
+"""Growing conversations remembered per Estimator (by the identity of their first two messages)."""
 LOAD_WAIT_SECONDS: Final = 15.0
 LOAD_RETRY_SECONDS: Final = 300.0
 
@@ -220,6 +227,20 @@ class _EncodingRegistry:
             return slot.encoder
         self._warn_once(name, slot)
         return None
+
+    def preload(self, name: str) -> None:
+        """Start loading ``name`` in the background unless it is loaded, loading, or failed less than the retry
+        interval ago; never waits and never warns (a later ``get`` does both as usual)."""
+        with self._lock:
+            slot = self._slots.get(name)
+            now = time.monotonic()
+            if slot is None:
+                self._start(name, deadline=now + self._wait)
+            elif slot.encoder is None and (
+                (slot.done.is_set() and now - slot.failed_at >= self._retry)
+                or (not slot.done.is_set() and (slot.thread is None or not slot.thread.is_alive()))
+            ):
+                self._start(name, deadline=now)
 
     def _start(self, name: str, *, deadline: float) -> _Slot:
         slot = _Slot(deadline)
@@ -332,6 +353,16 @@ def _image_scheme(model: str) -> tuple[str, int, int]:
 def _approx_tokens(text: str) -> int:
     size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
     return (2 * size + 6) // 7  # ceil(bytes / 3.5)
+
+
+_ROLES: Final = ("user", "assistant", "system", "developer", "tool", "function")
+_ROLE_TOKENS: Final[dict[str, dict[str, int]]] = {
+    O200K: dict.fromkeys(_ROLES, 1),  # each role name is one token in both encodings (asserted by the tests)
+    CL100K: dict.fromkeys(_ROLES, 1),
+}
+_APPROX_ROLE_TOKENS: Final = {role: _approx_tokens(role) for role in _ROLES}
+_OPENAI_FAST_KEYS: Final = frozenset(("role", "content", "name"))
+_NOT_CHAT: Final = frozenset(("embeddings", "text_completion"))
 
 
 def _encode_piece(encoder: _Encoder, text: str) -> int:
@@ -702,15 +733,74 @@ class _Tally:
             self.texts.append(text)
 
 
+class _Prefix:
+    """The messages of a previous chat request and what they counted, to reuse when the next request extends them.
+
+    ``keys``/``values`` are every message's keys and values, flattened, and ``blocks`` the single text block of
+    Anthropic messages whose content is a list: all held (so kept alive) and compared by identity, so a message
+    mutated in place is noticed.
+    """
+
+    __slots__ = ("blocks", "fixed", "hits", "keys", "messages", "text", "values")
+
+    def __init__(
+        self,
+        messages: tuple[Any, ...],
+        keys: list[Any],
+        values: list[Any],
+        blocks: list[tuple[int, dict[str, Any], list[Any], list[Any]]],
+        text: int,
+        fixed: int,
+        hits: int,
+    ) -> None:
+        self.messages = messages
+        self.keys = keys
+        self.values = values
+        self.blocks = blocks
+        self.text = text
+        self.fixed = fixed
+        self.hits = hits
+
+    def extended_by(self, messages: list[Any]) -> tuple[list[Any], list[Any]] | None:
+        """(keys, values) of the prefix when ``messages`` starts with these very messages, unchanged; else None."""
+        size = len(self.messages)
+        if len(messages) < size or not all(map(is_, messages, self.messages)):
+            return None
+        head = messages[:size]
+        keys = list(chain.from_iterable(head))
+        values = list(chain.from_iterable(map(dict.values, head)))
+        if len(keys) != len(self.keys) or not all(map(is_, keys, self.keys)) or not all(map(is_, values, self.values)):
+            return None
+        for index, block, block_keys, block_values in self.blocks:
+            content = head[index]["content"]
+            if len(content) != 1 or content[0] is not block:
+                return None
+            now_keys = list(block)
+            if len(now_keys) != len(block_keys) or not all(map(is_, now_keys, block_keys)):
+                return None
+            if not all(map(is_, block.values(), block_values)):
+                return None
+        return keys, values
+
+
 class Estimator:
     """Input-token estimates for the guard's reservations; one instance may be shared by every thread.
 
-    Each distinct text is tokenized once and remembered in a bounded LRU keyed by (encoding, text), so an agent whose
+    Each distinct text is tokenized once and remembered in a bounded cache keyed by (encoding, text), so an agent whose
     conversation grows by one message per call pays only for the new message. ``cache_chars`` bounds the total length
-    of remembered texts (plus 64 per entry); 0 disables the cache.
+    of remembered texts (plus 64 per entry); 0 disables the cache (and the fast paths below: every text is tokenized).
+    Eviction is oldest first; a hit refreshes an entry only for texts of ``PROMOTE_CHARS`` or more (short ones are
+    cheap to encode again, and refreshing costs a ``move_to_end`` per lookup).
+
+    Plain chat requests (OpenAI messages of string ``role``/``content``/``name``; Anthropic messages of string content
+    or one text block, with a string ``system``) skip the generic walker: role names count as known constants, and
+    when a request's messages start with the very message objects of a recent request (same objects, same keys and
+    values, by identity), the count of that prefix is reused and only the new messages are looked at.
 
     ``encode_calls``, ``encoded_chars``, ``cache_hits`` and ``cache_misses`` count the work done, for tests and
-    diagnostics; they only ever grow.
+    diagnostics; they only ever grow. ``cache_hits`` counts texts whose tokens came from memory instead of the
+    tokenizer (cache hits, role-name constants, texts of a reused prefix); ``cache_lookups`` counts the cache lookups
+    actually made.
     """
 
     def __init__(self, *, cache_chars: int = 64_000_000) -> None:
@@ -724,6 +814,8 @@ class Estimator:
         self.encoded_chars = 0
         self.cache_hits = 0
         self.cache_misses = 0
+        self.cache_lookups = 0
+        self._prefixes: dict[tuple[Any, ...], _Prefix] = {}
 
     # ---------------------------------------------------------------------------------------------------------------
     # public API
@@ -735,6 +827,14 @@ class Estimator:
         """
         name = _model_encoding(_norm_model(model))
         return name if _REGISTRY.get(name) is not None else APPROX
+
+    def preload(self, models: Iterable[str] = ("gpt-4o", "claude-sonnet-4-6")) -> None:
+        """Start loading the encodings ``models`` need, in the background; returns at once, does nothing more when
+        they are loaded or loading already. Without network or cache the usual fallback (and its single warning, at
+        the first estimate) applies."""
+        names = [models] if isinstance(models, str) else [m for m in models if isinstance(m, str)]
+        if names:
+            threading.Thread(target=_preload, args=(names,), name="tokenbudget-preload", daemon=True).start()
 
     def text_tokens(self, model: str, text: str) -> int:
         """Tokens in generated text (an abandoned stream's output), which the vendor will never report.
@@ -765,6 +865,18 @@ class Estimator:
         the error: ``messages``, ``input``, ``prompt`` or ``body``) is missing or of an unusable type, e.g. ``None``, a
         number, or a one-shot iterator (never consumed here, since the SDK still has to send it).
         """
+        body = request.body
+        if type(body) is dict and self._budget:
+            model = _norm_model(request.model)
+            anthropic = request.api == "anthropic"
+            if anthropic or (request.operation not in _NOT_CHAT and "messages" in body):
+                fast = self._fast_chat(model, anthropic, body)
+                if fast is not None:
+                    return fast
+        return self._input_tokens_generic(request)
+
+    def _input_tokens_generic(self, request: CallRequest) -> int:
+        """``input_tokens`` through the generic walker, whatever the request's shape."""
         model = _norm_model(request.model)
         anthropic = request.api == "anthropic"
         tally = _Tally(model)
@@ -791,26 +903,135 @@ class Estimator:
         return text_tokens + tally.fixed
 
     # ---------------------------------------------------------------------------------------------------------------
+    # fast path for plain chat requests
+
+    def _fast_chat(self, model: str, anthropic: bool, body: dict[str, Any]) -> int | None:
+        """``input_tokens`` of a plain chat request, or None when the request needs the generic walker."""
+        messages = body.get("messages")
+        if type(messages) is not list:
+            return None
+        tally = _Tally(model)
+        tally.found = True
+        if anthropic:
+            system = body.get("system")
+            if type(system) is str:
+                tally.text(system)
+            elif not _absent(system):
+                return None
+        name = _model_encoding(model)
+        encoder = _REGISTRY.get(name)
+        roles = _APPROX_ROLE_TOKENS if encoder is None else _ROLE_TOKENS[name]
+        slot = (anthropic, name, encoder is None, *map(id, messages[:2]))
+        prefix = self._prefixes.get(slot) if len(messages) > 1 else None
+        reused = prefix.extended_by(messages) if prefix is not None else None
+        if prefix is not None and reused is not None:
+            start, keys, values = len(prefix.messages), reused[0], reused[1]
+            text, fixed, hits, blocks = prefix.text, prefix.fixed, prefix.hits, list(prefix.blocks)
+        else:
+            start, keys, values, text, fixed, hits, blocks = 0, [], [], 0, 0, 0, []
+        tail = messages[start:]
+        texts: list[str] = []
+        role_tokens = role_count = 0
+        if anthropic:
+            for index, message in enumerate(tail, start):
+                if type(message) is not dict:
+                    return None
+                fixed += CLAUDE_TOKENS_PER_MESSAGE
+                content = message.get("content")
+                if type(content) is str:
+                    if content:
+                        texts.append(content)
+                elif type(content) is list and len(content) == 1:
+                    block = content[0]
+                    if type(block) is not dict or block.get("type") != "text" or type(block.get("text")) is not str:
+                        return None
+                    if block["text"]:
+                        texts.append(block["text"])
+                    blocks.append((index, block, list(block), list(block.values())))
+                elif content is not None:
+                    return None
+        else:
+            for message in tail:
+                if type(message) is not dict or not message.keys() <= _OPENAI_FAST_KEYS:
+                    return None
+                fixed += OPENAI_TOKENS_PER_MESSAGE
+                role = message.get("role")
+                if role is not None:
+                    if type(role) is not str:
+                        return None
+                    known = roles.get(role)
+                    if known is not None:
+                        role_tokens += known
+                        role_count += 1
+                    elif role:
+                        texts.append(role)
+                content = message.get("content")
+                if content is not None:
+                    if type(content) is not str:
+                        return None
+                    if content:
+                        texts.append(content)
+                who = message.get("name")
+                if who is not None:
+                    if type(who) is not str:
+                        return None
+                    if who:
+                        texts.append(who)
+                    fixed += OPENAI_TOKENS_PER_NAME
+        if encoder is not None:
+            role_hits = role_count + (hits if start else 0)
+            hits += role_count + len(texts)
+        else:
+            role_hits = hits = 0
+        text += role_tokens + self._count_texts(name, encoder, texts, extra_hits=role_hits)
+        if len(messages) > 1:
+            keys.extend(chain.from_iterable(tail))
+            values.extend(chain.from_iterable(map(dict.values, tail)))
+            entry = _Prefix(tuple(messages), keys, values, blocks, text, fixed, hits)
+            with self._lock:
+                prefixes = self._prefixes
+                prefixes.pop(slot, None)
+                prefixes[slot] = entry
+                while len(prefixes) > PREFIX_SLOTS:
+                    del prefixes[next(iter(prefixes))]
+        if anthropic:
+            self._anthropic_extras(tally, body)
+            fixed += CLAUDE_REQUEST_OVERHEAD
+        else:
+            self._chat_extras(tally, body)
+            fixed += OPENAI_REPLY_PRIMING
+        text += self._count_texts(name, encoder, tally.texts)
+        if anthropic or _is_claude(model):
+            text = (text * _CLAUDE_NUM + _CLAUDE_DEN - 1) // _CLAUDE_DEN
+        return text + fixed + tally.fixed
+
+    # ---------------------------------------------------------------------------------------------------------------
     # counting and cache
 
-    def _count_texts(self, name: str, encoder: _Encoder | None, texts: list[str]) -> int:
+    def _count_texts(self, name: str, encoder: _Encoder | None, texts: list[str], *, extra_hits: int = 0) -> int:
         if not texts:
+            if extra_hits:
+                with self._lock:
+                    self.cache_hits += extra_hits
             return 0
         if encoder is None:
             return sum(_approx_tokens(text) for text in texts)
         total = 0
         misses: list[str] = []
         cache = self._cache
+        get = cache.get
         with self._lock:
             for text in texts:
                 key = (name, text)
-                hit = cache.get(key)
+                hit = get(key)
                 if hit is None:
                     misses.append(text)
                 else:
-                    cache.move_to_end(key)
+                    if len(text) >= PROMOTE_CHARS:
+                        cache.move_to_end(key)
                     total += hit
-            self.cache_hits += len(texts) - len(misses)
+            self.cache_lookups += len(texts)
+            self.cache_hits += len(texts) - len(misses) + extra_hits
             self.cache_misses += len(misses)
         if not misses:
             return total
@@ -903,18 +1124,22 @@ class Estimator:
             for message in messages:
                 self._chat_message(tally, message)
             tally.fixed += OPENAI_REPLY_PRIMING
-        self._openai_tools(tally, body.get("tools"))
-        self._openai_tools(tally, body.get("functions"))
-        response_format = _plain(body.get("response_format"))
-        if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-            tally.found = True
-            tally.text(_json(response_format.get("json_schema", response_format)))
+        self._chat_extras(tally, body)
         if not tally.found:
             raise ConfigError(
                 f"a chat request needs a list of messages, got {type(raw).__name__}; nothing to count",
                 key="messages",
                 source=_where(request),
             )
+
+    def _chat_extras(self, tally: _Tally, body: dict[str, Any]) -> None:
+        """Everything of a chat request but its messages."""
+        self._openai_tools(tally, body.get("tools"))
+        self._openai_tools(tally, body.get("functions"))
+        response_format = _plain(body.get("response_format"))
+        if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+            tally.found = True
+            tally.text(_json(response_format.get("json_schema", response_format)))
 
     def _chat_message(self, tally: _Tally, message: Any) -> None:
         message = _plain(message)
@@ -1106,6 +1331,17 @@ class Estimator:
                     self._anthropic_content(tally, message.get("content"))
                 else:
                     tally.text(message)
+        self._anthropic_extras(tally, body)
+        if not tally.found:
+            raise ConfigError(
+                f"an Anthropic request needs a list of messages, got {type(raw).__name__}; nothing to count",
+                key="messages",
+                source=_where(request),
+            )
+        tally.fixed += CLAUDE_REQUEST_OVERHEAD
+
+    def _anthropic_extras(self, tally: _Tally, body: dict[str, Any]) -> None:
+        """Everything of an Anthropic request but its system prompt and messages."""
         tools = _items(_plain(body.get("tools")))
         if tools:
             tally.found = True
@@ -1116,13 +1352,6 @@ class Estimator:
             extra = _plain(body.get(key))
             if isinstance(extra, dict):
                 tally.text(_json(extra))
-        if not tally.found:
-            raise ConfigError(
-                f"an Anthropic request needs a list of messages, got {type(raw).__name__}; nothing to count",
-                key="messages",
-                source=_where(request),
-            )
-        tally.fixed += CLAUDE_REQUEST_OVERHEAD
 
     def _anthropic_content(self, tally: _Tally, content: Any) -> None:
         content = _plain(content)
@@ -1183,6 +1412,14 @@ class Estimator:
             tally.text(block["text"])
         else:
             tally.text(_json(block))
+
+
+def _preload(models: list[str]) -> None:
+    for model in models:
+        try:
+            _REGISTRY.preload(_model_encoding(_norm_model(model)))
+        except Exception:  # a broken tiktoken install: the first estimate falls back and warns as usual
+            return
 
 
 def _where(request: CallRequest) -> str:
