@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import math
+import os
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ class MemoryLedger(Ledger):
         self._lock = threading.Lock()
         self._accounts: dict[str, _Account] = {}
         self._holds: dict[str, tuple[Reservation, float]] = {}
+        self._next_expiry = math.inf  # no hold expires before this (it may be earlier than the true minimum)
         self._settled: set[str] = set()
         self._events: list[CallEvent] = []
         self._event_times: list[float] = []
@@ -42,12 +44,16 @@ class MemoryLedger(Ledger):
         return acct
 
     def _expire(self, now: float) -> None:
-        if not self._holds:
+        if now < self._next_expiry:
             return
+        earliest = math.inf
         for rid, (res, expires) in list(self._holds.items()):
             if expires <= now:
                 self._drop_hold(res)
                 del self._holds[rid]
+            elif expires < earliest:
+                earliest = expires
+        self._next_expiry = earliest
 
     def _drop_hold(self, res: Reservation) -> None:
         for key in res.keys:
@@ -93,12 +99,15 @@ class MemoryLedger(Ledger):
                     bal = self._balance(a, now)
                     if not fits(bal, micros, tokens):
                         return Refusal(a, bal, micros, tokens)
-            res = Reservation(uuid.uuid4().hex, tuple(a.key for a in allowances), micros, tokens, now + lease_seconds)
+            keys = tuple(a.key for a in allowances)
+            res = Reservation(os.urandom(16).hex(), keys, micros, tokens, now + lease_seconds)
             for a in allowances:
                 acct = self._account(a.key, a.scope)
                 acct.reserved_micros += micros
                 acct.reserved_tokens += tokens
             self._holds[res.id] = (res, res.expires_at)
+            if res.expires_at < self._next_expiry:
+                self._next_expiry = res.expires_at
             return res
 
     def settle(
