@@ -141,6 +141,7 @@ class Policy:
         self.timezone = timezone
         self._parsed = [(i, r, parse_scope(r.scope)) for i, r in enumerate(rules)]
         self._limits = [(None if r.limit_usd is None else usd_to_micros(r.limit_usd), r.limit_tokens) for r in rules]
+        self._memo: dict[tuple[object, ...], tuple[RuleMatch, ...]] = {}
 
     def matches(self, principal: Principal, model: str, now: float) -> list[RuleMatch]:
         """Every allowance covering this caller and model at ``now``.
@@ -149,6 +150,24 @@ class Policy:
         reordering the config does not reset anyone's spend. Two unnamed rules with the same scope and period share
         one account; the tighter limit wins.
         """
+        # The answer depends on ``now`` only through the rules' windows, which change at most on the hour: memoize
+        # per hour of time, and only when every window covers that whole hour (not so in sub-hour-offset zones).
+        tags = principal.tags
+        bucket = int(now // 3600)
+        key = (principal.org, principal.team, principal.user, tuple(sorted(tags.items())) if tags else (), model,
+               bucket)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return list(hit)
+        out = self._matches(principal, model, now)
+        lo, hi = bucket * 3600, (bucket + 1) * 3600
+        if all(m.rule.period == "total" or _covers(m.rule.period, self.timezone, now, lo, hi) for m in out):
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = tuple(out)
+        return out
+
+    def _matches(self, principal: Principal, model: str, now: float) -> list[RuleMatch]:
         out: dict[str, RuleMatch] = {}
         for i, rule, parts in self._parsed:
             resolved = _resolve(parts, principal, model)
@@ -178,6 +197,14 @@ class Policy:
             )
             out[key] = RuleMatch(rule, allowance)
         return list(out.values())
+
+
+_MEMO_SIZE = 4096
+
+
+def _covers(period: str, tz: str, now: float, lo: float, hi: float) -> bool:
+    start, end = window(period, tz, now)
+    return start <= lo and hi <= end
 
 
 def _tighter(a: int | None, b: int | None) -> int | None:
