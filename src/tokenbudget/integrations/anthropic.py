@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..calls import CallRequest, Usage
 from ..streams import StreamMeter
+from .base import server_of
 
 if TYPE_CHECKING:
     from ..guard import Ticket
@@ -120,7 +121,7 @@ class AnthropicAdapter:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return None
         max_out = body.get("max_tokens")
-        base = client.base_url
+        host, port = server_of(client)
         return CallRequest(
             provider="anthropic",
             operation="chat",
@@ -128,8 +129,8 @@ class AnthropicAdapter:
             body=body,
             stream=stream or bool(body.get("stream")),
             max_output_tokens=max_out if isinstance(max_out, int) else None,
-            server_address=base.host,
-            server_port=base.port,
+            server_address=host,
+            server_port=port,
             api="anthropic",
         )
 

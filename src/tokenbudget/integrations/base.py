@@ -15,7 +15,9 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from pydantic import BaseModel
 
 from ..calls import CallRequest, Usage
 from ..streams import BodyMeter, StreamMeter, attach, meter_of
@@ -42,6 +44,22 @@ class Adapter(Protocol):
 
     def stream_meter(self, ticket: Ticket, hide_usage_chunk: bool) -> StreamMeter:
         """A meter for this call's SSE stream."""
+
+
+_SERVERS: dict[int, tuple[Any, Any, Any]] = {}
+
+
+def server_of(client: Any) -> tuple[Any, Any]:
+    """``(host, port)`` of a client's ``base_url``, parsed once per URL object (the SDKs keep the same object)."""
+    base = client.base_url
+    hit = _SERVERS.get(id(base))
+    if hit is not None and hit[0] is base:
+        return hit[1], hit[2]
+    host, port = base.host, base.port
+    if len(_SERVERS) >= 256:
+        _SERVERS.clear()
+    _SERVERS[id(base)] = (base, host, port)  # keeps the URL alive, so its id cannot be reused while cached
+    return host, port
 
 
 def classify_exception(exc: BaseException) -> str:
@@ -95,7 +113,18 @@ def _http_response_of(result: Any) -> Any:
     return None
 
 
+_NO_EXTRA: dict[str, Any] = {}
+_PYDANTIC_GETATTR = getattr(BaseModel, "__getattr__", None)
+
+
 def _after(adapter: Adapter, ticket: Ticket, result: Any, stream: bool, hide: bool, is_async: bool) -> None:
+    if not stream and isinstance(result, BaseModel) and getattr(type(result), "__getattr__", None) is _PYDANTIC_GETATTR:
+        # The common case, a parsed SDK response model: skip the attribute probes below, each of which raises and
+        # catches an AttributeError inside pydantic's __getattr__ (they all come back empty for such a model).
+        extra = result.__pydantic_extra__ or _NO_EXTRA
+        if not any(n in result.__dict__ or n in extra for n in ("http_response", "status_code")):
+            _settle_parsed(adapter, ticket, result)
+            return
     wrapper_response = getattr(result, "http_response", None)
     if stream:
         http = _http_response_of(result)
@@ -105,10 +134,7 @@ def _after(adapter: Adapter, ticket: Ticket, result: Any, stream: bool, hide: bo
         attach(http, adapter.stream_meter(ticket, hide), is_async=is_async)
         return
     if wrapper_response is None and not hasattr(result, "status_code"):
-        usage = adapter.usage(result)
-        if usage is None:
-            usage = Usage(input_tokens=ticket.input_tokens, exact=False)
-        ticket.ok(usage) if usage.exact else ticket.abandoned(None, usage)
+        _settle_parsed(adapter, ticket, result)
         return
     http = wrapper_response if wrapper_response is not None else result
     content = getattr(http, "_content", None)
@@ -123,6 +149,13 @@ def _after(adapter: Adapter, ticket: Ticket, result: Any, stream: bool, hide: bo
             ticket.abandoned(None)
         return
     attach(http, BodyMeter(ticket, http, adapter.usage), is_async=is_async)
+
+
+def _settle_parsed(adapter: Adapter, ticket: Ticket, result: Any) -> None:
+    usage = adapter.usage(result)
+    if usage is None:
+        usage = Usage(input_tokens=ticket.input_tokens, exact=False)
+    ticket.ok(usage) if usage.exact else ticket.abandoned(None, usage)
 
 
 def _guard_or_none() -> Guard | None:
@@ -147,13 +180,16 @@ def make_request_wrapper(adapter: Adapter) -> Callable[..., Any]:
             hide = adapter.rewrite(options, ticket)
             cross = _cross_protocol(ticket, call, args, kwargs, stream)
             client, fn = _route(instance, wrapped, ticket) if cross is None else (instance, wrapped)
-            with trace.use_span(ticket.span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            token = otel_context.attach(trace.set_span_in_context(ticket.span))
+            try:
                 if cross is not None:
                     from . import translate
 
                     result = translate.send_translated(instance, options, **cross)
                 else:
                     result = fn(*args, **kwargs) if client is instance else fn(client, *args, **kwargs)
+            finally:
+                otel_context.detach(token)
         except BaseException as exc:
             _settle_exception(ticket, exc)
             raise
@@ -179,13 +215,16 @@ def make_async_request_wrapper(adapter: Adapter) -> Callable[..., Any]:
             hide = adapter.rewrite(options, ticket)
             cross = _cross_protocol(ticket, call, args, kwargs, stream)
             client, fn = _route(instance, wrapped, ticket) if cross is None else (instance, wrapped)
-            with trace.use_span(ticket.span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            token = otel_context.attach(trace.set_span_in_context(ticket.span))
+            try:
                 if cross is not None:
                     from . import translate
 
                     result = await translate.asend_translated(instance, options, **cross)
                 else:
                     result = await (fn(*args, **kwargs) if client is instance else fn(client, *args, **kwargs))
+            finally:
+                otel_context.detach(token)
         except BaseException as exc:
             _settle_exception(ticket, exc)
             raise

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..calls import CallRequest, Usage
 from ..streams import StreamMeter
+from .base import server_of
 
 if TYPE_CHECKING:
     from ..guard import Ticket
@@ -162,7 +163,7 @@ class OpenAIAdapter:
         if not isinstance(model, str):
             return None
         max_out = next((body[f] for f in _MAX_FIELDS if isinstance(body.get(f), int)), None)
-        base = client.base_url
+        host, port = server_of(client)
         provider = "azure.ai.openai" if type(client).__name__.endswith("AzureOpenAI") else "openai"
         return CallRequest(
             provider=provider,
@@ -171,8 +172,8 @@ class OpenAIAdapter:
             body=body,
             stream=stream or bool(body.get("stream")),
             max_output_tokens=max_out,
-            server_address=base.host,
-            server_port=base.port,
+            server_address=host,
+            server_port=port,
             api="openai",
         )
 
