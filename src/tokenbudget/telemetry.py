@@ -42,6 +42,9 @@ _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
 
 _VERSION = "0.1.0"
 
+_METRIC_CACHE_SIZE = 1024
+_MetricSets = tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]
+
 
 class Telemetry:
     def __init__(
@@ -63,6 +66,7 @@ class Telemetry:
             explicit_bucket_boundaries_advisory=list(_DURATION_BUCKETS),
         )
         self._cost = meter.create_counter(COST_METRIC, unit="USD", description="Money charged to budgets")
+        self._metric_cache: dict[tuple[Any, ...], _MetricSets] = {}
 
     def start(self, request: CallRequest) -> Span:
         attrs: dict[str, Any] = {
@@ -103,24 +107,16 @@ class Telemetry:
         error: BaseException | None = None,
         budget_scope: str | None = None,
     ) -> None:
-        metric_attrs: dict[str, Any] = {
-            ga.GEN_AI_OPERATION_NAME: request.operation,
-            ga.GEN_AI_PROVIDER_NAME: request.provider,
-            ga.GEN_AI_REQUEST_MODEL: request.model,
-        }
-        if usage is not None and usage.response_model:
-            metric_attrs[ga.GEN_AI_RESPONSE_MODEL] = usage.response_model
-        if request.server_address:
-            metric_attrs[server_attributes.SERVER_ADDRESS] = request.server_address
-        if error is not None:
-            metric_attrs[error_attributes.ERROR_TYPE] = _error_type(error)
-        self._duration.record(duration_s, metric_attrs)
+        response_model = usage.response_model if usage is not None else None
+        error_type = _error_type(error) if error is not None else None
+        sets = self._metric_sets(request, response_model or None, error_type, principal_attrs)
+        self._duration.record(duration_s, sets[0])
         if usage is not None:
-            self._tokens.record(usage.input_tokens, {**metric_attrs, ga.GEN_AI_TOKEN_TYPE: "input"})
+            self._tokens.record(usage.input_tokens, sets[1])
             if request.operation != "embeddings":
-                self._tokens.record(usage.output_tokens, {**metric_attrs, ga.GEN_AI_TOKEN_TYPE: "output"})
+                self._tokens.record(usage.output_tokens, sets[2])
         if cost_micros:
-            self._cost.add(micros_to_usd(cost_micros), {**metric_attrs, **principal_attrs})
+            self._cost.add(micros_to_usd(cost_micros), sets[3])
 
         if not span.is_recording():
             span.end()
@@ -157,10 +153,44 @@ class Telemetry:
             if usage.finish_reasons:
                 attrs[ga.GEN_AI_RESPONSE_FINISH_REASONS] = list(usage.finish_reasons)
         if error is not None:
-            attrs[error_attributes.ERROR_TYPE] = _error_type(error)
+            attrs[error_attributes.ERROR_TYPE] = error_type
             span.set_status(Status(StatusCode.ERROR, _safe_message(error)))
         span.set_attributes(attrs)
         span.end()
+
+    def _metric_sets(
+        self, request: CallRequest, response_model: str | None, error_type: str | None,
+        principal_attrs: Mapping[str, str],
+    ) -> _MetricSets:
+        """The four metric attribute dicts of a call, built once per distinct key and then reused as-is.
+
+        The dicts are shared between calls, so they are never mutated after they are built.
+        """
+        key = (request.operation, request.provider, request.model, response_model, request.server_address or None,
+               error_type, tuple(principal_attrs.items()))
+        sets = self._metric_cache.get(key)
+        if sets is None:
+            base: dict[str, Any] = {
+                ga.GEN_AI_OPERATION_NAME: request.operation,
+                ga.GEN_AI_PROVIDER_NAME: request.provider,
+                ga.GEN_AI_REQUEST_MODEL: request.model,
+            }
+            if response_model:
+                base[ga.GEN_AI_RESPONSE_MODEL] = response_model
+            if request.server_address:
+                base[server_attributes.SERVER_ADDRESS] = request.server_address
+            if error_type is not None:
+                base[error_attributes.ERROR_TYPE] = error_type
+            sets = (
+                base,
+                {**base, ga.GEN_AI_TOKEN_TYPE: "input"},
+                {**base, ga.GEN_AI_TOKEN_TYPE: "output"},
+                {**base, **principal_attrs},
+            )
+            if len(self._metric_cache) >= _METRIC_CACHE_SIZE:
+                self._metric_cache.clear()
+            self._metric_cache[key] = sets
+        return sets
 
     def refused(self, span: Span, error: BaseException, *, decision: str, estimated_micros: int) -> None:
         """A call stopped before sending: the span says why, and nothing was charged."""
