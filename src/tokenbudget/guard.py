@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -166,7 +166,7 @@ class Guard:
             if not 0 <= max_output <= 1_000_000_000:  # the vendor would refuse it; the ledgers could not hold it
                 raise ConfigError(f"max_tokens={max_output} is not a usable output limit (0 to 1,000,000,000)",
                                   key="max_tokens", source=f"{request.provider} {request.model}")
-        may_cache = request.api == "anthropic" and "cache_control" in _cheap_repr(request.body)
+        may_cache = request.api == "anthropic" and _has_cache_control(request.body)
         micros = self.prices.worst_case_micros(price, input_tokens, max_output, may_write_cache=may_cache)
         return _Plan(request, price, input_tokens, max_output, micros, input_tokens + max_output)
 
@@ -377,7 +377,7 @@ class Guard:
         duration = time.perf_counter() - ticket.started
         p = ticket.principal
         event = CallEvent(
-            id=ticket.reservation.id if ticket.reservation else uuid.uuid4().hex,
+            id=ticket.reservation.id if ticket.reservation else os.urandom(16).hex(),
             time=now,
             provider=ticket.request.provider,
             model=ticket.request.model,
@@ -430,6 +430,8 @@ class Guard:
 
     def _remaining(self, ticket: Ticket, now: float) -> int | None:
         """The tightest remaining dollars among the call's budgets, for the span (cheap for the memory ledger)."""
+        if not ticket.span.is_recording():  # only the span shows it
+            return None
         best: int | None = None
         for m in ticket.matches:
             if m.allowance.limit_micros is None:
@@ -444,7 +446,7 @@ class Guard:
         run_id: str | None,
     ) -> None:
         event = CallEvent(
-            id=uuid.uuid4().hex, time=self.clock.now(), provider=plan.request.provider, model=plan.request.model,
+            id=os.urandom(16).hex(), time=self.clock.now(), provider=plan.request.provider, model=plan.request.model,
             operation=plan.request.operation, status="denied", decision="deny", original_model=original,
             org=principal.org, team=principal.team, user=principal.user, tags=dict(principal.tags), function=fn,
             run_id=run_id, estimated_micros=plan.micros, budget_keys=(exc.scope,),
@@ -515,9 +517,28 @@ def _price_provider(request: CallRequest) -> str | None:
     return None
 
 
-def _cheap_repr(body: dict[str, Any]) -> str:
-    """Only used to spot ``cache_control`` markers; a repr is cheap next to the network call."""
-    return repr(body.get("system", "")) + repr(body.get("messages", "")) + repr(body.get("tools", ""))
+_PLAIN = (str, int, float, bool, type(None), bytes)
+
+
+def _has_cache_control(body: dict[str, Any]) -> bool:
+    """Whether the system blocks, message content blocks or tools carry a ``cache_control`` marker.
+
+    Walks the containers and looks at dict keys only, so the cost is the number of blocks, never the text length
+    (a ``repr`` of the body cost 19 ms for a 1M-token prompt). Objects that are not plain containers (a pydantic
+    model passed through) are still searched in their ``repr``.
+    """
+    stack: list[Any] = [body.get("system"), body.get("messages"), body.get("tools")]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if "cache_control" in value:
+                return True
+            stack.extend(v for v in value.values() if not isinstance(v, _PLAIN))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(v for v in value if not isinstance(v, _PLAIN))
+        elif not isinstance(value, _PLAIN) and "cache_control" in repr(value):
+            return True
+    return False
 
 
 def _principal_attrs(p: Principal, function: str | None) -> dict[str, str]:
