@@ -870,3 +870,21 @@ def test_preload_without_network_keeps_single_warning(
         assert est.input_tokens(request) == est._input_tokens_generic(request)
         est.input_tokens(claude(messages=[{"role": "user", "content": "hi"}]))
     assert sum("cannot load tiktoken encoding" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_prefix_reused_when_the_system_dict_is_rebuilt_per_call(est: Estimator) -> None:
+    system = "You are a careful coding agent."
+    history: list[dict[str, Any]] = []
+    for turn in range(40):
+        history.append({"role": "user" if turn % 2 == 0 else "assistant", "content": f"turn {turn} " * 20})
+        request = chat(messages=[{"role": "system", "content": system}, *history])  # a new system dict every call
+        lookups = est.cache_lookups
+        got = est.input_tokens(request)
+        if turn >= 1:
+            assert est.cache_lookups - lookups == 1
+        assert got == est._input_tokens_generic(request)
+    # messages shifted between dicts but the same (key, value) sequence: same count, reused or not
+    request = chat(messages=[{"role": "system"}, {"content": system, **history[0]}, *history[1:]])
+    assert est.input_tokens(request) == Estimator(cache_chars=0).input_tokens(request)
+    request = chat(messages=[{"role": "system", "content": system}, "a bare string", *history])
+    assert est.input_tokens(request) == Estimator(cache_chars=0).input_tokens(request)

@@ -94,7 +94,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from functools import lru_cache
-from itertools import chain
+from itertools import chain, repeat
 from operator import is_
 from typing import Any, Final, Protocol
 
@@ -157,7 +157,7 @@ PROMOTE_CHARS: Final = 1024
 """Cache hits on texts at least this long move the entry to the recent end (LRU); shorter entries age first-in,
 first-out, which spares a ``move_to_end`` per role name and short message (re-encoding one costs a few µs)."""
 PREFIX_SLOTS: Final = 16
-"""Growing conversations remembered per Estimator (by the identity of their first two messages)."""
+"""Growing conversations remembered per Estimator (told apart by the identity of their first two messages' values)."""
 LOAD_WAIT_SECONDS: Final = 15.0
 LOAD_RETRY_SECONDS: Final = 300.0
 
@@ -738,22 +738,23 @@ class _Prefix:
 
     ``keys``/``values`` are every message's keys and values, flattened, and ``blocks`` the single text block of
     Anthropic messages whose content is a list: all held (so kept alive) and compared by identity, so a message
-    mutated in place is noticed.
+    mutated in place is noticed. The message dicts themselves may differ (a system message rebuilt per call): a
+    message's count depends only on its keys and values, and the total only on their sequence and the message count.
     """
 
-    __slots__ = ("blocks", "fixed", "hits", "keys", "messages", "text", "values")
+    __slots__ = ("blocks", "fixed", "hits", "keys", "size", "text", "values")
 
     def __init__(
         self,
-        messages: tuple[Any, ...],
+        size: int,
         keys: list[Any],
         values: list[Any],
-        blocks: list[tuple[int, dict[str, Any], list[Any], list[Any]]],
+        blocks: list[tuple[int, list[Any], dict[str, Any], list[Any], list[Any]]],
         text: int,
         fixed: int,
         hits: int,
     ) -> None:
-        self.messages = messages
+        self.size = size
         self.keys = keys
         self.values = values
         self.blocks = blocks
@@ -762,18 +763,19 @@ class _Prefix:
         self.hits = hits
 
     def extended_by(self, messages: list[Any]) -> tuple[list[Any], list[Any]] | None:
-        """(keys, values) of the prefix when ``messages`` starts with these very messages, unchanged; else None."""
-        size = len(self.messages)
-        if len(messages) < size or not all(map(is_, messages, self.messages)):
+        """(keys, values) of the prefix when ``messages`` starts with these messages, unchanged; else None."""
+        size = self.size
+        if len(messages) < size:
             return None
         head = messages[:size]
-        keys = list(chain.from_iterable(head))
+        if not all(map(is_, map(type, head), repeat(dict))):
+            return None
+        keys = list(chain.from_iterable(map(dict.keys, head)))
         values = list(chain.from_iterable(map(dict.values, head)))
         if len(keys) != len(self.keys) or not all(map(is_, keys, self.keys)) or not all(map(is_, values, self.values)):
             return None
-        for index, block, block_keys, block_values in self.blocks:
-            content = head[index]["content"]
-            if len(content) != 1 or content[0] is not block:
+        for index, content, block, block_keys, block_values in self.blocks:
+            if head[index].get("content") is not content or len(content) != 1 or content[0] is not block:
                 return None
             now_keys = list(block)
             if len(now_keys) != len(block_keys) or not all(map(is_, now_keys, block_keys)):
@@ -794,8 +796,9 @@ class Estimator:
 
     Plain chat requests (OpenAI messages of string ``role``/``content``/``name``; Anthropic messages of string content
     or one text block, with a string ``system``) skip the generic walker: role names count as known constants, and
-    when a request's messages start with the very message objects of a recent request (same objects, same keys and
-    values, by identity), the count of that prefix is reused and only the new messages are looked at.
+    when a request's messages start with the messages of a recent request (the same key and value objects, compared
+    by identity, so a message changed in place is noticed), the count of that prefix is reused and only the new
+    messages are looked at.
 
     ``encode_calls``, ``encoded_chars``, ``cache_hits`` and ``cache_misses`` count the work done, for tests and
     diagnostics; they only ever grow. ``cache_hits`` counts texts whose tokens came from memory instead of the
@@ -921,11 +924,15 @@ class Estimator:
         name = _model_encoding(model)
         encoder = _REGISTRY.get(name)
         roles = _APPROX_ROLE_TOKENS if encoder is None else _ROLE_TOKENS[name]
-        slot = (anthropic, name, encoder is None, *map(id, messages[:2]))
-        prefix = self._prefixes.get(slot) if len(messages) > 1 else None
+        first = messages[:2]
+        slot: tuple[Any, ...] | None = None
+        if len(first) == 2 and type(first[0]) is dict and type(first[1]) is dict:
+            # a conversation is told by its first two messages' values (a shared system dict alone would not do)
+            slot = (anthropic, name, encoder is None, *map(id, chain.from_iterable(map(dict.values, first))))
+        prefix = self._prefixes.get(slot) if slot is not None else None
         reused = prefix.extended_by(messages) if prefix is not None else None
         if prefix is not None and reused is not None:
-            start, keys, values = len(prefix.messages), reused[0], reused[1]
+            start, keys, values = prefix.size, reused[0], reused[1]
             text, fixed, hits, blocks = prefix.text, prefix.fixed, prefix.hits, list(prefix.blocks)
         else:
             start, keys, values, text, fixed, hits, blocks = 0, [], [], 0, 0, 0, []
@@ -947,7 +954,7 @@ class Estimator:
                         return None
                     if block["text"]:
                         texts.append(block["text"])
-                    blocks.append((index, block, list(block), list(block.values())))
+                    blocks.append((index, content, block, list(block), list(block.values())))
                 elif content is not None:
                     return None
         else:
@@ -984,10 +991,10 @@ class Estimator:
         else:
             role_hits = hits = 0
         text += role_tokens + self._count_texts(name, encoder, texts, extra_hits=role_hits)
-        if len(messages) > 1:
-            keys.extend(chain.from_iterable(tail))
+        if slot is not None:
+            keys.extend(chain.from_iterable(map(dict.keys, tail)))
             values.extend(chain.from_iterable(map(dict.values, tail)))
-            entry = _Prefix(tuple(messages), keys, values, blocks, text, fixed, hits)
+            entry = _Prefix(len(messages), keys, values, blocks, text, fixed, hits)
             with self._lock:
                 prefixes = self._prefixes
                 prefixes.pop(slot, None)
