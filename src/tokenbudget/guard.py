@@ -528,14 +528,22 @@ def _has_cache_control(body: dict[str, Any]) -> bool:
     model passed through) are still searched in their ``repr``.
     """
     stack: list[Any] = [body.get("system"), body.get("messages"), body.get("tools")]
+    push = stack.append
     while stack:
         value = stack.pop()
-        if isinstance(value, dict):
+        cls = type(value)
+        if cls is str or value is None:
+            continue
+        if cls is dict or isinstance(value, dict):
             if "cache_control" in value:
                 return True
-            stack.extend(v for v in value.values() if not isinstance(v, _PLAIN))
-        elif isinstance(value, (list, tuple)):
-            stack.extend(v for v in value if not isinstance(v, _PLAIN))
+            for v in value.values():
+                if type(v) is not str:
+                    push(v)
+        elif cls is list or isinstance(value, (list, tuple)):
+            for v in value:
+                if type(v) is not str:
+                    push(v)
         elif not isinstance(value, _PLAIN) and "cache_control" in repr(value):
             return True
     return False
