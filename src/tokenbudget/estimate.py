@@ -94,7 +94,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from functools import lru_cache
-from itertools import chain, repeat
+from itertools import chain
 from operator import is_
 from typing import Any, Final, Protocol
 
@@ -736,53 +736,45 @@ class _Tally:
 class _Prefix:
     """The messages of a previous chat request and what they counted, to reuse when the next request extends them.
 
-    ``keys``/``values`` are every message's keys and values, flattened, and ``blocks`` the single text block of
-    Anthropic messages whose content is a list: all held (so kept alive) and compared by identity, so a message
-    mutated in place is noticed. The message dicts themselves may differ (a system message rebuilt per call): a
-    message's count depends only on its keys and values, and the total only on their sequence and the message count.
+    ``copies`` are shallow copies of the messages as they were counted: a later request's leading messages compare
+    equal to them (same keys; each value the same object, or an equal one, which counts the same) exactly when they
+    are unchanged, so a message mutated in place is noticed. The comparison is a C-level list/dict ``==``, a few
+    nanoseconds per message. ``blocks`` holds the single text block of Anthropic messages whose content is a list
+    (a block edited in place leaves its list the same object), compared by identity.
     """
 
-    __slots__ = ("blocks", "fixed", "hits", "keys", "size", "text", "values")
+    __slots__ = ("blocks", "copies", "fixed", "hits", "text")
 
     def __init__(
         self,
-        size: int,
-        keys: list[Any],
-        values: list[Any],
+        copies: list[dict[str, Any]],
         blocks: list[tuple[int, list[Any], dict[str, Any], list[Any], list[Any]]],
         text: int,
         fixed: int,
         hits: int,
     ) -> None:
-        self.size = size
-        self.keys = keys
-        self.values = values
+        self.copies = copies
         self.blocks = blocks
         self.text = text
         self.fixed = fixed
         self.hits = hits
 
-    def extended_by(self, messages: list[Any]) -> tuple[list[Any], list[Any]] | None:
-        """(keys, values) of the prefix when ``messages`` starts with these messages, unchanged; else None."""
-        size = self.size
+    def extended_by(self, messages: list[Any]) -> bool:
+        """Whether ``messages`` starts with these messages, unchanged."""
+        size = len(self.copies)
         if len(messages) < size:
-            return None
+            return False
         head = messages[:size]
-        if not all(map(is_, map(type, head), repeat(dict))):
-            return None
-        keys = list(chain.from_iterable(map(dict.keys, head)))
-        values = list(chain.from_iterable(map(dict.values, head)))
-        if len(keys) != len(self.keys) or not all(map(is_, keys, self.keys)) or not all(map(is_, values, self.values)):
-            return None
+        if list(map(type, head)) != [dict] * size or head != self.copies:
+            return False
         for index, content, block, block_keys, block_values in self.blocks:
             if head[index].get("content") is not content or len(content) != 1 or content[0] is not block:
-                return None
-            now_keys = list(block)
-            if len(now_keys) != len(block_keys) or not all(map(is_, now_keys, block_keys)):
-                return None
+                return False
+            if len(block) != len(block_keys) or not all(map(is_, block, block_keys)):
+                return False
             if not all(map(is_, block.values(), block_values)):
-                return None
-        return keys, values
+                return False
+        return True
 
 
 class Estimator:
@@ -796,9 +788,9 @@ class Estimator:
 
     Plain chat requests (OpenAI messages of string ``role``/``content``/``name``; Anthropic messages of string content
     or one text block, with a string ``system``) skip the generic walker: role names count as known constants, and
-    when a request's messages start with the messages of a recent request (the same key and value objects, compared
-    by identity, so a message changed in place is noticed), the count of that prefix is reused and only the new
-    messages are looked at.
+    when a request's messages start with the messages of a recent request, unchanged (compared with copies taken
+    then, so a message changed in place is noticed), the count of that prefix is reused and only the new messages
+    are looked at.
 
     ``encode_calls``, ``encoded_chars``, ``cache_hits`` and ``cache_misses`` count the work done, for tests and
     diagnostics; they only ever grow. ``cache_hits`` counts texts whose tokens came from memory instead of the
@@ -930,12 +922,11 @@ class Estimator:
             # a conversation is told by its first two messages' values (a shared system dict alone would not do)
             slot = (anthropic, name, encoder is None, *map(id, chain.from_iterable(map(dict.values, first))))
         prefix = self._prefixes.get(slot) if slot is not None else None
-        reused = prefix.extended_by(messages) if prefix is not None else None
-        if prefix is not None and reused is not None:
-            start, keys, values = prefix.size, reused[0], reused[1]
+        if prefix is not None and prefix.extended_by(messages):
+            start, copies = len(prefix.copies), prefix.copies
             text, fixed, hits, blocks = prefix.text, prefix.fixed, prefix.hits, list(prefix.blocks)
         else:
-            start, keys, values, text, fixed, hits, blocks = 0, [], [], 0, 0, 0, []
+            start, copies, text, fixed, hits, blocks = 0, [], 0, 0, 0, []
         tail = messages[start:]
         texts: list[str] = []
         role_tokens = role_count = 0
@@ -992,9 +983,7 @@ class Estimator:
             role_hits = hits = 0
         text += role_tokens + self._count_texts(name, encoder, texts, extra_hits=role_hits)
         if slot is not None:
-            keys.extend(chain.from_iterable(map(dict.keys, tail)))
-            values.extend(chain.from_iterable(map(dict.values, tail)))
-            entry = _Prefix(len(messages), keys, values, blocks, text, fixed, hits)
+            entry = _Prefix(copies + list(map(dict.copy, tail)), blocks, text, fixed, hits)
             with self._lock:
                 prefixes = self._prefixes
                 prefixes.pop(slot, None)
