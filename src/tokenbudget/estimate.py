@@ -156,6 +156,8 @@ CACHE_ENTRY_OVERHEAD_CHARS: Final = 64
 PROMOTE_CHARS: Final = 1024
 """Cache hits on texts at least this long move the entry to the recent end (LRU); shorter entries age first-in,
 first-out, which spares a ``move_to_end`` per role name and short message (re-encoding one costs a few µs)."""
+PREFIX_MIN_MESSAGES: Final = 8
+"""Shorter message lists are counted in full: remembering them costs more than it saves."""
 PREFIX_SLOTS: Final = 16
 """Growing conversations remembered per Estimator (told apart by the identity of their first two messages' values)."""
 LOAD_WAIT_SECONDS: Final = 15.0
@@ -918,7 +920,7 @@ class Estimator:
         roles = _APPROX_ROLE_TOKENS if encoder is None else _ROLE_TOKENS[name]
         first = messages[:2]
         slot: tuple[Any, ...] | None = None
-        if len(first) == 2 and type(first[0]) is dict and type(first[1]) is dict:
+        if len(messages) >= PREFIX_MIN_MESSAGES and type(first[0]) is dict and type(first[1]) is dict:
             # a conversation is told by its first two messages' values (a shared system dict alone would not do)
             slot = (anthropic, name, encoder is None, *map(id, chain.from_iterable(map(dict.values, first))))
         prefix = self._prefixes.get(slot) if slot is not None else None
@@ -982,7 +984,7 @@ class Estimator:
         else:
             role_hits = hits = 0
         text += role_tokens + self._count_texts(name, encoder, texts, extra_hits=role_hits)
-        if slot is not None:
+        if slot is not None and tail:
             entry = _Prefix(copies + list(map(dict.copy, tail)), blocks, text, fixed, hits)
             with self._lock:
                 prefixes = self._prefixes
