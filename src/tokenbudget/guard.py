@@ -121,6 +121,18 @@ class Ticket:
         if self._claim():
             self.guard._settle(self, None, "unsent", exc)
 
+    # Async forms: an async caller's settlement awaits the ledger (Redis, SQLite in a thread) instead of blocking
+    # its event loop. Exception paths keep the sync forms: they must finish even while a task is being cancelled.
+    async def aok(self, usage: Usage) -> None:
+        if self._claim():
+            await self.guard._asettle(self, usage, "ok" if usage.exact else "partial", None)
+
+    async def aabandoned(self, exc: BaseException | None, usage: Usage | None = None) -> None:
+        if self._claim():
+            if usage is None:
+                usage = Usage(input_tokens=self.input_tokens, exact=False)
+            await self.guard._asettle(self, usage, "abandoned", exc)
+
 
 class Guard:
     """The active budget guard. :func:`tokenbudget.install` creates one; tests may create their own."""
@@ -306,7 +318,7 @@ class Guard:
                 return await self.ledger.areserve(
                     ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
                 )
-            return [self.ledger.balance(a, now=now) for a in ask.allowances]
+            return [await self.ledger.abalance(a, now=now) for a in ask.allowances]
         except LedgerUnavailable:
             raise
         except LedgerError as exc:
@@ -371,6 +383,57 @@ class Guard:
 
     # -- after -------------------------------------------------------------------------------------------------
     def _settle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
+        event, record, cost, tokens, now, duration = self._settlement(ticket, usage, status)
+        remaining: int | None = None
+        try:
+            if ticket.reservation is not None:
+                self.ledger.settle(ticket.reservation, cost, tokens, record, now=now)
+                remaining = self._remaining(ticket, now)
+            elif record is not None:
+                self.ledger.record(record)
+        except Exception:
+            self._settle_failed(ticket, cost, tokens, record, now)
+        self._finish(ticket, event, usage, cost, status, remaining, duration, exc)
+
+    async def _asettle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
+        event, record, cost, tokens, now, duration = self._settlement(ticket, usage, status)
+        remaining: int | None = None
+        try:
+            if ticket.reservation is not None:
+                await self.ledger.asettle(ticket.reservation, cost, tokens, record, now=now)
+                remaining = await self._aremaining(ticket, now)
+            elif record is not None:
+                self.ledger.record(record)
+        except Exception:
+            self._settle_failed(ticket, cost, tokens, record, now)
+        self._finish(ticket, event, usage, cost, status, remaining, duration, exc)
+
+    def _settle_failed(self, ticket: Ticket, cost: int, tokens: int, record: CallEvent | None, now: float) -> None:
+        log.exception("tokenbudget could not settle a call in the ledger %s; retrying later", self.ledger.url)
+        if ticket.reservation is not None:  # settle is idempotent: a retry never charges twice
+            with self._deferred_lock:
+                self._deferred.append((ticket.reservation, cost, tokens, record, now))
+
+    def _finish(
+        self, ticket: Ticket, event: CallEvent, usage: Usage | None, cost: int, status: str, remaining: int | None,
+        duration: float, exc: BaseException | None,
+    ) -> None:
+        try:
+            self.telemetry.finish(
+                ticket.span, ticket.request, usage=usage, cost_micros=cost, estimated_micros=ticket.reserved_micros,
+                decision=ticket.decision, status=status, remaining_micros=remaining,
+                original_model=ticket.original_model,
+                principal_attrs=_principal_attrs(ticket.principal, ticket.function),
+                duration_s=duration, error=exc,
+            )
+        except Exception:
+            log.exception("tokenbudget could not finish a span")
+        self._notify(event, tuple(m.allowance for m in ticket.matches) if ticket.reservation is not None else ())
+
+    def _settlement(
+        self, ticket: Ticket, usage: Usage | None, status: str
+    ) -> tuple[CallEvent, CallEvent | None, int, int, float, float]:
+        """What a settled call costs and the event that records it (pure: no ledger, no telemetry)."""
         cost = 0 if usage is None else self.prices.cost_micros(ticket.price, usage)
         tokens = 0 if usage is None else usage.total_tokens
         now = self.clock.now()
@@ -405,28 +468,19 @@ class Guard:
             event.cache_write_1h_tokens = usage.cache_write_1h_tokens
             event.reasoning_tokens = usage.reasoning_tokens
         record = event if self.settings.record_events else None
-        remaining: int | None = None
-        try:
-            if ticket.reservation is not None:
-                self.ledger.settle(ticket.reservation, cost, tokens, record, now=now)
-                remaining = self._remaining(ticket, now)
-            elif record is not None:
-                self.ledger.record(record)
-        except Exception:
-            log.exception("tokenbudget could not settle a call in the ledger %s; retrying later", self.ledger.url)
-            if ticket.reservation is not None:  # settle is idempotent: a retry never charges twice
-                with self._deferred_lock:
-                    self._deferred.append((ticket.reservation, cost, tokens, record, now))
-        try:
-            self.telemetry.finish(
-                ticket.span, ticket.request, usage=usage, cost_micros=cost, estimated_micros=ticket.reserved_micros,
-                decision=ticket.decision, status=status, remaining_micros=remaining,
-                original_model=ticket.original_model, principal_attrs=_principal_attrs(p, ticket.function),
-                duration_s=duration, error=exc,
-            )
-        except Exception:
-            log.exception("tokenbudget could not finish a span")
-        self._notify(event, tuple(m.allowance for m in ticket.matches) if ticket.reservation is not None else ())
+        return event, record, cost, tokens, now, duration
+
+    async def _aremaining(self, ticket: Ticket, now: float) -> int | None:
+        if not ticket.span.is_recording():
+            return None
+        best: int | None = None
+        for m in ticket.matches:
+            if m.allowance.limit_micros is None:
+                continue
+            rem = (await self.ledger.abalance(m.allowance, now=now)).remaining_micros
+            if rem is not None and (best is None or rem < best):
+                best = rem
+        return best
 
     def _remaining(self, ticket: Ticket, now: float) -> int | None:
         """The tightest remaining dollars among the call's budgets, for the span (cheap for the memory ledger)."""

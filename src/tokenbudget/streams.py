@@ -45,23 +45,39 @@ class StreamMeter:
         """Usage as the vendor reported it, or counted from what arrived when the stream was cut short."""
         raise NotImplementedError
 
-    def finish(self) -> None:
-        """Settle the ticket (idempotent): vendor usage if the stream got that far, else input + text received."""
+    def _final_usage(self) -> Usage | None:
+        """The usage to settle with, or None if this meter already settled (idempotent)."""
         with self._lock:
             if self._done:
-                return
+                return None
             self._done = True
         if self._finalizer is not None:
             self._finalizer.detach()
         try:
-            usage = self._usage()
+            return self._usage()
         except Exception as exc:  # a malformed stream must still settle
-            usage = Usage(input_tokens=self.ticket.input_tokens, exact=False)
             self.error = self.error or exc
+            return Usage(input_tokens=self.ticket.input_tokens, exact=False)
+
+    def finish(self) -> None:
+        """Settle the ticket (idempotent): vendor usage if the stream got that far, else input + text received."""
+        usage = self._final_usage()
+        if usage is None:
+            return
         if usage.exact:
             self.ticket.ok(usage)
         else:
             self.ticket.abandoned(self.error, usage)
+
+    async def afinish(self) -> None:
+        """As :meth:`finish`, awaiting the ledger, for a stream that ended normally in async code."""
+        usage = self._final_usage()
+        if usage is None:
+            return
+        if usage.exact:
+            await self.ticket.aok(usage)
+        else:
+            await self.ticket.aabandoned(self.error, usage)
 
     def tee(self, events: Iterator[Any]) -> Iterator[Any]:
         try:
@@ -79,11 +95,11 @@ class StreamMeter:
             async for sse in events:
                 if self.observe(sse.data, sse.event):
                     yield sse
-        except BaseException as exc:
+        except BaseException as exc:  # incl. GeneratorExit and cancellation: settle without awaiting
             self.error = exc
-            raise
-        finally:
             self.finish()
+            raise
+        await self.afinish()
 
     def count_text(self, text: str) -> int:
         return self.ticket.guard.estimator.text_tokens(self.ticket.request.model, text) if text else 0
@@ -140,8 +156,10 @@ def attach(response: Any, meter: StreamMeter, *, is_async: bool) -> None:
         async def aclose() -> None:
             try:
                 await original_aclose()
-            finally:
+            except BaseException:
                 meter.finish()
+                raise
+            await meter.afinish()
 
         response.aclose = aclose
     else:

@@ -117,25 +117,30 @@ _NO_EXTRA: dict[str, Any] = {}
 _PYDANTIC_GETATTR = getattr(BaseModel, "__getattr__", None)
 
 
-def _after(adapter: Adapter, ticket: Ticket, result: Any, stream: bool, hide: bool, is_async: bool) -> None:
+def _after(
+    adapter: Adapter, ticket: Ticket, result: Any, stream: bool, hide: bool, is_async: bool
+) -> Usage | None:
+    """Settle (or arrange to settle) the call behind ``result``.
+
+    For an async caller with a parsed response the usage is returned instead, for the caller to settle with
+    ``await`` so the ledger never blocks its event loop.
+    """
     if not stream and isinstance(result, BaseModel) and getattr(type(result), "__getattr__", None) is _PYDANTIC_GETATTR:
         # The common case, a parsed SDK response model: skip the attribute probes below, each of which raises and
         # catches an AttributeError inside pydantic's __getattr__ (they all come back empty for such a model).
         extra = result.__pydantic_extra__ or _NO_EXTRA
         if not any(n in result.__dict__ or n in extra for n in ("http_response", "status_code")):
-            _settle_parsed(adapter, ticket, result)
-            return
+            return _settle_parsed(adapter, ticket, result, is_async)
     wrapper_response = getattr(result, "http_response", None)
     if stream:
         http = _http_response_of(result)
         if http is None:  # pragma: no cover - every SDK stream keeps its response
             ticket.abandoned(None)
-            return
+            return None
         attach(http, adapter.stream_meter(ticket, hide), is_async=is_async)
-        return
+        return None
     if wrapper_response is None and not hasattr(result, "status_code"):
-        _settle_parsed(adapter, ticket, result)
-        return
+        return _settle_parsed(adapter, ticket, result, is_async)
     http = wrapper_response if wrapper_response is not None else result
     content = getattr(http, "_content", None)
     if content is not None:  # body already read (with_raw_response)
@@ -147,15 +152,19 @@ def _after(adapter: Adapter, ticket: Ticket, result: Any, stream: bool, hide: bo
             ticket.ok(usage)
         else:
             ticket.abandoned(None)
-        return
+        return None
     attach(http, BodyMeter(ticket, http, adapter.usage), is_async=is_async)
+    return None
 
 
-def _settle_parsed(adapter: Adapter, ticket: Ticket, result: Any) -> None:
+def _settle_parsed(adapter: Adapter, ticket: Ticket, result: Any, is_async: bool) -> Usage | None:
     usage = adapter.usage(result)
     if usage is None:
         usage = Usage(input_tokens=ticket.input_tokens, exact=False)
+    if is_async:
+        return usage
     ticket.ok(usage) if usage.exact else ticket.abandoned(None, usage)
+    return None
 
 
 def _guard_or_none() -> Guard | None:
@@ -228,7 +237,9 @@ def make_async_request_wrapper(adapter: Adapter) -> Callable[..., Any]:
         except BaseException as exc:
             _settle_exception(ticket, exc)
             raise
-        _after(adapter, ticket, result, stream, hide, is_async=True)
+        pending = _after(adapter, ticket, result, stream, hide, is_async=True)
+        if pending is not None:
+            await (ticket.aok(pending) if pending.exact else ticket.aabandoned(None, pending))
         return result
 
     return request_wrapper

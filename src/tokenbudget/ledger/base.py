@@ -180,6 +180,9 @@ class Ledger(abc.ABC):
     ) -> Reservation | Refusal:
         return await asyncio.to_thread(self.reserve, allowances, micros, tokens, lease_seconds=lease_seconds, now=now)
 
+    async def abalance(self, allowance: Allowance, *, now: float) -> Balance:
+        return await asyncio.to_thread(self.balance, allowance, now=now)
+
     async def asettle(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:

@@ -173,6 +173,9 @@ class MemoryLedger(Ledger):
         # The lock is held for microseconds and never across an await: no thread hop needed.
         return self.reserve(allowances, micros, tokens, lease_seconds=lease_seconds, now=now)
 
+    async def abalance(self, allowance: Allowance, *, now: float) -> Balance:
+        return self.balance(allowance, now=now)
+
     async def asettle(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
