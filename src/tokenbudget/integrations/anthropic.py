@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..calls import CallRequest, Usage
 from ..streams import StreamMeter
-from .base import server_of
+from .base import decision_changes, server_of
 
 if TYPE_CHECKING:
     from ..guard import Ticket
@@ -135,13 +135,8 @@ class AnthropicAdapter:
         )
 
     def rewrite(self, options: Any, ticket: Ticket) -> bool:
-        req = ticket.request
         body: dict[str, Any] = options.json_data
-        changes: dict[str, Any] = {}
-        if body.get("model") != req.model:
-            changes["model"] = req.model
-        if ticket.decision == "clamp" and req.max_output_tokens is not None:
-            changes["max_tokens"] = req.max_output_tokens
+        changes = decision_changes(body, ticket, "max_tokens")
         if changes:
             options.json_data = {**body, **changes}
         return False

@@ -62,6 +62,17 @@ def server_of(client: Any) -> tuple[Any, Any]:
     return host, port
 
 
+def decision_changes(body: dict[str, Any], ticket: Ticket, max_field: str) -> dict[str, Any]:
+    """Body fields the guard's decision changes: the (downgraded) model, and the clamped output limit."""
+    req = ticket.request
+    changes: dict[str, Any] = {}
+    if body.get("model") != req.model:
+        changes["model"] = req.model
+    if ticket.decision == "clamp" and req.max_output_tokens is not None:
+        changes[max_field] = req.max_output_tokens
+    return changes
+
+
 def classify_exception(exc: BaseException) -> str:
     """Map an exception raised by the SDK to what the vendor will bill.
 

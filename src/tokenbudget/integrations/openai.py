@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..calls import CallRequest, Usage
 from ..streams import StreamMeter
-from .base import server_of
+from .base import decision_changes, server_of
 
 if TYPE_CHECKING:
     from ..guard import Ticket
@@ -180,15 +180,9 @@ class OpenAIAdapter:
     def rewrite(self, options: Any, ticket: Ticket) -> bool:
         req = ticket.request
         body: dict[str, Any] = options.json_data
-        changes: dict[str, Any] = {}
-        if body.get("model") != req.model:
-            changes["model"] = req.model
-        if ticket.decision == "clamp" and req.max_output_tokens is not None:
-            present = next((f for f in _MAX_FIELDS if f in body), None)
-            field = present or (
-                "max_output_tokens" if options.url.startswith("/responses") else "max_completion_tokens"
-            )
-            changes[field] = req.max_output_tokens
+        present = next((f for f in _MAX_FIELDS if f in body), None)
+        field = present or ("max_output_tokens" if options.url.startswith("/responses") else "max_completion_tokens")
+        changes = decision_changes(body, ticket, field)
         hide = False
         if req.stream and req.operation in ("chat", "text_completion") and not options.url.startswith("/responses"):
             stream_options = body.get("stream_options")
