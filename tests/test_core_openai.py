@@ -190,8 +190,8 @@ async def test_error_status_async_stream(
 
 
 def test_timeout_charges_estimated_input(guard: tokenbudget.Guard, srv: StandInServer) -> None:
-    client = openai.OpenAI(base_url=srv.openai_base_url, api_key="k", max_retries=0, timeout=0.2)
-    srv.push(Fault(delay=1.0))
+    client = openai.OpenAI(base_url=srv.openai_base_url, api_key="k", max_retries=0, timeout=0.6)
+    srv.push(Fault(delay=3.0))
     messages = [{"role": "user", "content": "please count these words for me"}]
     with pytest.raises(openai.APITimeoutError):
         client.chat.completions.create(model="gpt-4o-mini", messages=messages)
