@@ -8,6 +8,9 @@ zero-argument factory; it may also build a stateful test with :func:`ledger_mach
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
+import time
 import unittest
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -666,3 +669,52 @@ def ledger_machine_test(
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
     return case
+
+
+def contend(led: Ledger, allowance: Allowance, amount: int, threads: int, attempts: int, barrier: Any,
+            out: Any) -> None:  # fmt: skip
+    """Body of a child process: ``threads`` threads each try ``attempts`` reserve+settle pairs on one allowance.
+
+    Puts ``([ok, refused, over-limit observations], errors)`` on ``out`` and closes ``led``. Shared by the SQLite and
+    Redis many-process tests, so both ledgers are raced the same way.
+    """
+    limit = allowance.limit_micros
+    assert limit is not None
+    totals = [0, 0, 0]
+    lock = threading.Lock()
+    errors: list[str] = []
+    start = threading.Barrier(threads)
+
+    def run(t: int) -> None:
+        ok = refused = over = 0
+        try:
+            start.wait()
+            for i in range(attempts):
+                now = time.time()
+                r = led.reserve([allowance], amount, 1, lease_seconds=600, now=now)
+                if isinstance(r, Refusal):
+                    refused += 1
+                    continue
+                ok += 1
+                bal = led.balance(allowance, now=now)
+                if bal.spent_micros + bal.reserved_micros > limit:
+                    over += 1
+                ev = CallEvent(id=f"{os.getpid()}-{t}-{i}", time=now, provider="p", model="m", cost_micros=amount,
+                               budget_keys=r.keys)  # fmt: skip
+                assert led.settle(r, amount, 1, ev, now=now) is True
+                assert led.settle(r, amount, 1, ev, now=now) is False
+        except BaseException as exc:
+            errors.append(repr(exc))
+        with lock:
+            totals[0] += ok
+            totals[1] += refused
+            totals[2] += over
+
+    barrier.wait(120)
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    led.close()
+    out.put((totals, errors))

@@ -31,7 +31,7 @@ import redis
 from redis.crc import key_slot
 
 import tokenbudget
-from ledger_contract import T0, LedgerContract, ledger_machine_test
+from ledger_contract import T0, LedgerContract, contend, ledger_machine_test
 from tokenbudget.clock import ManualClock
 from tokenbudget.config import Settings
 from tokenbudget.errors import LedgerError, LedgerUnavailable
@@ -411,47 +411,9 @@ def test_throughput_smoke(make: Callable[..., RedisLedger]) -> None:
 # -- a fleet racing for one budget ------------------------------------------------------------------------------------
 def _contend(url: str, prefix: str, spool: str, limit: int, amount: int, threads: int, attempts: int, barrier: Any,
              out: Any) -> None:  # fmt: skip
-    """Child: ``threads`` threads each try ``attempts`` reserve+settle pairs against one shared allowance."""
     # Generous timeouts: 256 threads on a CI runner's two cores can starve one socket read past the 0.5 s default.
     led = RedisLedger(url, key_prefix=prefix, spool_path=spool, socket_timeout=10, connect_timeout=10)
-    a = Allowance("team:fleet", "team:fleet", limit_micros=limit)
-    totals = [0, 0, 0]  # ok, refused, over-limit observations
-    lock = threading.Lock()
-    errors: list[str] = []
-    start = threading.Barrier(threads)
-
-    def run(t: int) -> None:
-        ok = refused = over = 0
-        try:
-            start.wait()
-            for i in range(attempts):
-                now = time.time()
-                r = led.reserve([a], amount, 1, lease_seconds=600, now=now)
-                if isinstance(r, Refusal):
-                    refused += 1
-                    continue
-                ok += 1
-                bal = led.balance(a, now=now)
-                if bal.spent_micros + bal.reserved_micros > limit:
-                    over += 1
-                ev = _event(f"{os.getpid()}-{t}-{i}", amount, r.keys, now)
-                assert led.settle(r, amount, 1, ev, now=now) is True
-                assert led.settle(r, amount, 1, ev, now=now) is False
-        except BaseException as exc:
-            errors.append(repr(exc))
-        with lock:
-            totals[0] += ok
-            totals[1] += refused
-            totals[2] += over
-
-    barrier.wait(120)
-    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    led.close()
-    out.put((totals, errors))
+    contend(led, Allowance("team:fleet", "team:fleet", limit_micros=limit), amount, threads, attempts, barrier, out)
 
 
 def _run_children(target: Callable[..., None], n: int, args: tuple[Any, ...]) -> list[Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import tokenbudget.ledger.sqlite as sqlite_mod
-from ledger_contract import T0, LedgerContract, full_event, ledger_machine_test
+from ledger_contract import T0, LedgerContract, contend, full_event, ledger_machine_test
 from tokenbudget.errors import ConfigError, LedgerError
 from tokenbudget.events import CallEvent
 from tokenbudget.ledger import Allowance, Ledger, MemoryLedger, Refusal, Reservation, open_ledger
@@ -471,47 +471,8 @@ def test_read_only_file_is_a_ledger_error_and_the_ledger_stays_exact() -> None:
 
 # -- many processes --------------------------------------------------------------------------------------------------
 def _contend(path: str, key: str, limit: int, amount: int, threads: int, attempts: int, barrier: Any, out: Any) -> None:
-    """Child: ``threads`` threads each try ``attempts`` reserve+settle pairs against one shared allowance."""
     led = SQLiteLedger(path, busy_timeout=60)
-    a = Allowance(key, "shared", limit_micros=limit)
-    totals = [0, 0, 0]  # ok, refused, over-limit observations
-    lock = threading.Lock()
-    errors: list[str] = []
-    start = threading.Barrier(threads)
-
-    def run(t: int) -> None:
-        ok = refused = over = 0
-        try:
-            start.wait()
-            for i in range(attempts):
-                now = time.time()
-                r = led.reserve([a], amount, 1, lease_seconds=600, now=now)
-                if isinstance(r, Refusal):
-                    refused += 1
-                    continue
-                ok += 1
-                bal = led.balance(a, now=now)
-                if bal.spent_micros + bal.reserved_micros > limit:
-                    over += 1
-                ev = CallEvent(id=f"{os.getpid()}-{t}-{i}", time=now, provider="p", model="m", cost_micros=amount,
-                               budget_keys=(key,))  # fmt: skip
-                assert led.settle(r, amount, 1, ev, now=now) is True
-                assert led.settle(r, amount, 1, ev, now=now) is False
-        except BaseException as exc:
-            errors.append(repr(exc))
-        with lock:
-            totals[0] += ok
-            totals[1] += refused
-            totals[2] += over
-
-    barrier.wait(60)
-    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    led.close()
-    out.put((totals, errors))
+    contend(led, Allowance(key, "shared", limit_micros=limit), amount, threads, attempts, barrier, out)
 
 
 def test_processes_and_threads_never_overspend(path: Path) -> None:
