@@ -447,14 +447,7 @@ class _WebhookWorker:
             self._pending += 1
 
     def flush(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+        return _wait_idle(self, time.monotonic() + timeout)
 
     def close(self, timeout: float) -> None:
         with self._lock:
@@ -559,12 +552,8 @@ class _Dispatcher:
 
     def flush(self, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
+        if not _wait_idle(self, deadline):
+            return False
         if self.webhook is not None:
             return self.webhook.flush(max(0.0, deadline - time.monotonic()))
         return True
@@ -884,3 +873,14 @@ def _flush_at_exit() -> None:
     deadline = time.monotonic() + 2.0
     for m in managers:
         m.flush(max(0.0, deadline - time.monotonic()))
+
+
+def _wait_idle(worker: Any, deadline: float) -> bool:
+    """Wait until a background worker has delivered everything queued (``_pending`` under ``_idle``)."""
+    with worker._idle:
+        while worker._pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            worker._idle.wait(left)
+    return True
