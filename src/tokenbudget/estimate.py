@@ -1184,23 +1184,7 @@ class Estimator:
         tally.fixed += OPENAI_TOOLS_END
 
     def _openai_content(self, tally: _Tally, content: Any) -> None:
-        content = _plain(content)
-        if isinstance(content, str):
-            tally.text(content)
-            return
-        if isinstance(content, dict):
-            self._openai_part(tally, content)
-            return
-        parts = _items(content)
-        if parts is None:
-            tally.text(content)
-            return
-        for part in parts:
-            part = _plain(part)
-            if isinstance(part, dict):
-                self._openai_part(tally, part)
-            else:
-                tally.text(part)
+        _walk_content(tally, content, self._openai_part)
 
     def _openai_part(self, tally: _Tally, part: dict[str, Any]) -> None:
         kind = part.get("type")
@@ -1352,23 +1336,7 @@ class Estimator:
                 tally.text(_json(extra))
 
     def _anthropic_content(self, tally: _Tally, content: Any) -> None:
-        content = _plain(content)
-        if isinstance(content, str):
-            tally.text(content)
-            return
-        if isinstance(content, dict):
-            self._anthropic_block(tally, content)
-            return
-        blocks = _items(content)
-        if blocks is None:
-            tally.text(content)
-            return
-        for block in blocks:
-            block = _plain(block)
-            if isinstance(block, dict):
-                self._anthropic_block(tally, block)
-            else:
-                tally.text(block)
+        _walk_content(tally, content, self._anthropic_block)
 
     def _anthropic_block(self, tally: _Tally, block: dict[str, Any]) -> None:
         kind = block.get("type")
@@ -1422,3 +1390,24 @@ def _preload(models: list[str]) -> None:
 
 def _where(request: CallRequest) -> str:
     return f"{request.provider} {request.operation} request for {request.model!r}"
+
+
+def _walk_content(tally: _Tally, content: Any, part: Callable[[_Tally, dict[str, Any]], None]) -> None:
+    """Content is a string, one part, or a list of parts (either vendor); ``part`` counts one dict part."""
+    content = _plain(content)
+    if isinstance(content, str):
+        tally.text(content)
+        return
+    if isinstance(content, dict):
+        part(tally, content)
+        return
+    items = _items(content)
+    if items is None:
+        tally.text(content)
+        return
+    for item in items:
+        item = _plain(item)
+        if isinstance(item, dict):
+            part(tally, item)
+        else:
+            tally.text(item)
