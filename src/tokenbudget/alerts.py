@@ -20,7 +20,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -644,13 +644,15 @@ class AlertManager:
         """Set once baselines were rebuilt from the ledger's history (or there was none to read)."""
 
     # -- the listener (runs on the call path: in-memory work, plus a balance read per budget until all fired) --
-    def on_event(self, event: CallEvent, allowances: tuple[Allowance, ...] = ()) -> None:
+    def on_event(
+        self, event: CallEvent, allowances: tuple[Allowance, ...] = (), balances: Mapping[str, Balance] | None = None
+    ) -> None:
         try:
             alerts: list[Alert] = []
             if event.cost_micros > 0:
                 alerts.extend(self._spikes(event))
             if allowances and (event.cost_micros > 0 or event.input_tokens + event.output_tokens > 0):
-                alerts.extend(self._threshold_alerts(event, allowances))
+                alerts.extend(self._threshold_alerts(event, allowances, balances or {}))
             if alerts:
                 context = _current_context()
                 for alert in alerts:
@@ -727,7 +729,9 @@ class AlertManager:
         return n
 
     # -- thresholds -------------------------------------------------------------------------------------------
-    def _threshold_alerts(self, event: CallEvent, allowances: Iterable[Allowance]) -> list[Alert]:
+    def _threshold_alerts(
+        self, event: CallEvent, allowances: Iterable[Allowance], balances: Mapping[str, Balance]
+    ) -> list[Alert]:
         out: list[Alert] = []
         for a in allowances:
             if not a.limit_micros and not a.limit_tokens:
@@ -736,7 +740,7 @@ class AlertManager:
                 entry = self._done.get(a.key)
                 if entry is not None and len(entry[1]) >= len(self.thresholds):
                     continue
-            balance = self.ledger.balance(a, now=event.time)
+            balance = balances.get(a.key) or self.ledger.balance(a, now=event.time)
             fraction = _spent_fraction(balance)
             if fraction is None:
                 continue

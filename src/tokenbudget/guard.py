@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +39,9 @@ __all__ = ["Guard", "Ticket"]
 log = logging.getLogger("tokenbudget")
 
 EventListener = Callable[[CallEvent], None]
-BudgetListener = Callable[[CallEvent, tuple[Allowance, ...]], None]
-"""Also given the configured budgets (allowances) the call was charged to; empty for calls refused before sending."""
+BudgetListener = Callable[[CallEvent, tuple[Allowance, ...], Mapping[str, Balance]], None]
+"""Also given the configured budgets (allowances) the call was charged to, empty for calls refused before sending,
+and their balances right after the call (by allowance key, for the limited ones), so listeners need not re-read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,29 +385,31 @@ class Guard:
     # -- after -------------------------------------------------------------------------------------------------
     def _settle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
         event, record, cost, tokens, now, duration = self._settlement(ticket, usage, status)
-        remaining: int | None = None
+        balances: dict[str, Balance] = {}
         try:
             if ticket.reservation is not None:
                 self.ledger.settle(ticket.reservation, cost, tokens, record, now=now)
-                remaining = self._remaining(ticket, now)
+                if self._wants_balances(ticket):
+                    balances = {a.key: self.ledger.balance(a, now=now) for a in _limited(ticket)}
             elif record is not None:
                 self.ledger.record(record)
         except Exception:
             self._settle_failed(ticket, cost, tokens, record, now)
-        self._finish(ticket, event, usage, cost, status, remaining, duration, exc)
+        self._finish(ticket, event, usage, cost, status, balances, duration, exc)
 
     async def _asettle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
         event, record, cost, tokens, now, duration = self._settlement(ticket, usage, status)
-        remaining: int | None = None
+        balances: dict[str, Balance] = {}
         try:
             if ticket.reservation is not None:
                 await self.ledger.asettle(ticket.reservation, cost, tokens, record, now=now)
-                remaining = await self._aremaining(ticket, now)
+                if self._wants_balances(ticket):
+                    balances = {a.key: await self.ledger.abalance(a, now=now) for a in _limited(ticket)}
             elif record is not None:
                 self.ledger.record(record)
         except Exception:
             self._settle_failed(ticket, cost, tokens, record, now)
-        self._finish(ticket, event, usage, cost, status, remaining, duration, exc)
+        self._finish(ticket, event, usage, cost, status, balances, duration, exc)
 
     def _settle_failed(self, ticket: Ticket, cost: int, tokens: int, record: CallEvent | None, now: float) -> None:
         log.exception("tokenbudget could not settle a call in the ledger %s; retrying later", self.ledger.url)
@@ -415,9 +418,12 @@ class Guard:
                 self._deferred.append((ticket.reservation, cost, tokens, record, now))
 
     def _finish(
-        self, ticket: Ticket, event: CallEvent, usage: Usage | None, cost: int, status: str, remaining: int | None,
-        duration: float, exc: BaseException | None,
+        self, ticket: Ticket, event: CallEvent, usage: Usage | None, cost: int, status: str,
+        balances: dict[str, Balance], duration: float, exc: BaseException | None,
     ) -> None:
+        remaining = min(
+            (b.remaining_micros for b in balances.values() if b.remaining_micros is not None), default=None
+        )
         try:
             self.telemetry.finish(
                 ticket.span, ticket.request, usage=usage, cost_micros=cost, estimated_micros=ticket.reserved_micros,
@@ -428,7 +434,9 @@ class Guard:
             )
         except Exception:
             log.exception("tokenbudget could not finish a span")
-        self._notify(event, tuple(m.allowance for m in ticket.matches) if ticket.reservation is not None else ())
+        self._notify(
+            event, tuple(m.allowance for m in ticket.matches) if ticket.reservation is not None else (), balances
+        )
 
     def _settlement(
         self, ticket: Ticket, usage: Usage | None, status: str
@@ -470,30 +478,9 @@ class Guard:
         record = event if self.settings.record_events else None
         return event, record, cost, tokens, now, duration
 
-    async def _aremaining(self, ticket: Ticket, now: float) -> int | None:
-        if not ticket.span.is_recording():
-            return None
-        best: int | None = None
-        for m in ticket.matches:
-            if m.allowance.limit_micros is None:
-                continue
-            rem = (await self.ledger.abalance(m.allowance, now=now)).remaining_micros
-            if rem is not None and (best is None or rem < best):
-                best = rem
-        return best
-
-    def _remaining(self, ticket: Ticket, now: float) -> int | None:
-        """The tightest remaining dollars among the call's budgets, for the span (cheap for the memory ledger)."""
-        if not ticket.span.is_recording():  # only the span shows it
-            return None
-        best: int | None = None
-        for m in ticket.matches:
-            if m.allowance.limit_micros is None:
-                continue
-            rem = self.ledger.balance(m.allowance, now=now).remaining_micros
-            if rem is not None and (best is None or rem < best):
-                best = rem
-        return best
+    def _wants_balances(self, ticket: Ticket) -> bool:
+        """Post-call balances are read once, for both readers: the span (remaining USD) and threshold alerts."""
+        return bool(self.budget_listeners) or ticket.span.is_recording()
 
     def _record_denied(
         self, plan: _Plan, principal: Principal, exc: BudgetExceeded, original: str | None, fn: str | None,
@@ -512,7 +499,9 @@ class Guard:
                 log.exception("tokenbudget could not record a denied call")
         self._notify(event)
 
-    def _notify(self, event: CallEvent, allowances: tuple[Allowance, ...] = ()) -> None:
+    def _notify(
+        self, event: CallEvent, allowances: tuple[Allowance, ...] = (), balances: Mapping[str, Balance] | None = None
+    ) -> None:
         for listener in self.listeners:
             try:
                 listener(event)
@@ -520,7 +509,7 @@ class Guard:
                 log.exception("a tokenbudget event listener failed; the call is unaffected")
         for budget_listener in self.budget_listeners:
             try:
-                budget_listener(event, allowances)
+                budget_listener(event, allowances, balances or {})
             except Exception:
                 log.exception("a tokenbudget event listener failed; the call is unaffected")
 
@@ -611,4 +600,12 @@ def _principal_attrs(p: Principal, function: str | None) -> dict[str, str]:
         out["tokenbudget.user"] = p.user
     if function:
         out["tokenbudget.function"] = function
+    return out
+
+
+def _limited(ticket: Ticket) -> list[Allowance]:
+    out = []
+    for m in ticket.matches:
+        if m.allowance.limit_micros is not None or m.allowance.limit_tokens is not None:
+            out.append(m.allowance)
     return out
