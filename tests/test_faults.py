@@ -702,6 +702,34 @@ async def test_cancel_while_the_ledger_thread_reserves_leaves_no_hold(tmp_path: 
     assert (event.status, event.cost_micros) == ("unsent", 0)
 
 
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_cancel_while_the_ledger_commits_an_answer_still_charges_it(tmp_path: Path, srv: StandInServer,
+                                                                          otel: Any, vendor: Vendor) -> None:
+    """The answer arrived, so the vendor billed it: a cancel that lands while the commit waits for the ledger lets the
+    commit and the span finish, then reaches the caller."""
+    srv.reply = Reply(text=TEXT, input_tokens=IN, output_tokens=OUT)
+    srv.push(Fault(delay=0.3))
+    ledger = SQLiteLedger(tmp_path / "ledger.db", busy_timeout=10)
+    g = tokenbudget.install({"budget_usd": 5.0}, ledger=ledger)
+    task = asyncio.create_task(call(vendor, srv, "async"))
+    for _ in range(200):  # until the request is at the server (reserved and sent)
+        if srv.requests:
+            break
+        await asyncio.sleep(0.02)
+    with write_locked(ledger.path):  # the commit that follows the answer waits for the lock, in its thread
+        await asyncio.sleep(1.0)  # the answer (0.3 s late) is read; the settle is blocked
+        assert not task.done()
+        task.cancel()
+        await asyncio.sleep(0.05)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    event = only_event(g)
+    assert (event.status, event.cost_micros) == ("ok", vendor.cost(IN, OUT))
+    (span,) = otel.spans()
+    assert span.attributes["tokenbudget.status"] == "ok"
+    assert span.attributes["tokenbudget.cost_usd"] == vendor.cost(IN, OUT) / 1e6
+
+
 def test_full_disk_refuses_or_settles_later_and_stays_exact(sqlite_guard: tokenbudget.Guard,
                                                             srv: StandInServer) -> None:
     g = sqlite_guard

@@ -398,6 +398,24 @@ class Guard:
         self._finish(ticket, event, usage, cost, status, balances, duration, exc)
 
     async def _asettle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
+        # The answer is in hand, so the charge is owed: a cancel that lands while the ledger commits must not cut the
+        # commit (or the span) short. Finish the settlement, then pass the cancel on to the caller.
+        work = asyncio.ensure_future(self._asettle_now(ticket, usage, status, exc))
+        cancelled: asyncio.CancelledError | None = None
+        while not work.done():
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError as caught:
+                if work.cancelled():
+                    raise
+                cancelled = caught
+        if cancelled is not None:
+            raise cancelled
+        work.result()
+
+    async def _asettle_now(
+        self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None
+    ) -> None:
         event, record, cost, tokens, now, duration = self._settlement(ticket, usage, status)
         balances: dict[str, Balance] = {}
         try:
