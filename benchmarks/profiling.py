@@ -41,7 +41,7 @@ def steps() -> list[tuple[str, float]]:
     import tokenbudget
     from tokenbudget import calls as tcalls
     from tokenbudget.events import CallEvent
-    from tokenbudget.guard import _principal_attrs
+    from tokenbudget.guard import _limited, _principal_attrs
     from tokenbudget.integrations.openai import OpenAIAdapter, usage_from
     from tokenbudget.principal import current_principal
 
@@ -110,7 +110,7 @@ def steps() -> list[tuple[str, float]]:
 
     def remaining_timed() -> float:
         t = guard.begin(req())
-        v = _us(lambda: guard._remaining(t, now))
+        v = _us(lambda: [guard.ledger.balance(a, now=now) for a in _limited(t)])
         t.ok(usage)
         return v
 
@@ -162,7 +162,7 @@ def steps() -> list[tuple[str, float]]:
         ("guard.begin + ticket.ok (whole guard, memory ledger)", _us(full)),
         ("  guard.begin (plan, policy, span start, reserve, Ticket)", begin_timed()),
         ("  ticket.ok -> Guard._settle", settle_timed()),
-        ("    Guard._remaining (ledger.balance per budget, for the span)", remaining_timed()),
+        ("    ledger.balance per budget (span remaining + alerts)", remaining_timed()),
         ("    telemetry.start + finish (span + 3 histograms + counter)", _us(tel_finish)),
         ("      of which telemetry.start + span.end alone", span_start),
         ("    CallEvent(...) construction", _us(event)),
@@ -322,7 +322,7 @@ def inline(vendor: str = "openai", mode: str = "sync", calls: int = 1500, blocks
         patch(guard.ledger, "reserve", "ledger/memory.py MemoryLedger.reserve")
         patch(guard, "_settle", "guard.py Guard._settle (everything after the answer)")
         patch(guard.ledger, "settle", "ledger/memory.py MemoryLedger.settle")
-        patch(guard, "_remaining", "guard.py Guard._remaining (balance per budget for the span)")
+        patch(guard.ledger, "balance", "ledger/memory.py MemoryLedger.balance (post-call, span + alerts)")
         patch(guard.telemetry, "finish", "telemetry.py Telemetry.finish (metrics + span attrs + end)")
         patch(guard, "_notify", "guard.py Guard._notify (listeners: alerts)")
         patch(adapter_cls, "describe", f"integrations/{vendor}.py {adapter_cls.__name__}.describe")

@@ -273,15 +273,18 @@ class Guard:
         while True:
             # A ledger working in a thread may finish the reservation after the caller was cancelled: take its
             # answer anyway, so no hold is orphaned, and give the hold back below (the request was never sent).
-            step = asyncio.ensure_future(self._aanswer(ask))
-            while True:
-                try:
-                    answer = await asyncio.shield(step)
-                    break
-                except asyncio.CancelledError as exc:
-                    if step.cancelled():
-                        raise
-                    cancelled = exc
+            if self.ledger.async_in_place:  # it never suspends: no cancel can land between hold and answer
+                answer = await self._aanswer(ask)
+            else:
+                step = asyncio.ensure_future(self._aanswer(ask))
+                while True:
+                    try:
+                        answer = await asyncio.shield(step)
+                        break
+                    except asyncio.CancelledError as exc:
+                        if step.cancelled():
+                            raise
+                        cancelled = exc
             try:
                 ask = gen.send(answer)
             except StopIteration as stop:
@@ -398,6 +401,9 @@ class Guard:
         self._finish(ticket, event, usage, cost, status, balances, duration, exc)
 
     async def _asettle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
+        if self.ledger.async_in_place:  # nothing below suspends, so no cancel can land in it
+            await self._asettle_now(ticket, usage, status, exc)
+            return
         # The answer is in hand, so the charge is owed: a cancel that lands while the ledger commits must not cut the
         # commit (or the span) short. Finish the settlement, then pass the cancel on to the caller.
         work = asyncio.ensure_future(self._asettle_now(ticket, usage, status, exc))
@@ -610,7 +616,21 @@ def _has_cache_control(body: dict[str, Any]) -> bool:
     return False
 
 
+_PRINCIPAL_ATTRS: dict[tuple[str | None, str | None, str | None], dict[str, str]] = {}
+
+
 def _principal_attrs(p: Principal, function: str | None) -> dict[str, str]:
+    """Span and cost-metric attributes of who called; one shared (never mutated) dict per distinct caller."""
+    key = (p.team, p.user, function)
+    hit = _PRINCIPAL_ATTRS.get(key)
+    if hit is None:
+        if len(_PRINCIPAL_ATTRS) >= 4096:
+            _PRINCIPAL_ATTRS.clear()
+        hit = _PRINCIPAL_ATTRS[key] = _build_principal_attrs(p, function)
+    return hit
+
+
+def _build_principal_attrs(p: Principal, function: str | None) -> dict[str, str]:
     out: dict[str, str] = {}
     if p.team:
         out["tokenbudget.team"] = p.team

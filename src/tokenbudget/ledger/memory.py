@@ -25,6 +25,8 @@ class _Account:
 
 
 class MemoryLedger(Ledger):
+    async_in_place = True
+
     def __init__(self) -> None:
         self.url = "memory://"
         self._lock = threading.Lock()
