@@ -259,6 +259,14 @@ def tokenbudget_variant(name: str, ledger_url: str, note: str = "") -> Variant:
     return Variant(name, enable, disable, note=note or f"tokenbudget.install(ledger={ledger_url.split('?')[0]!r})")
 
 
+def otel_floor_variant() -> Variant:
+    from .floor import OtelFloor
+
+    floor = OtelFloor()
+    return Variant("otel-floor", floor.enable, floor.disable,
+                   note="only the OTel SDK calls tokenbudget makes per call (span + 3 histogram records)")
+
+
 class UninstallCheck:
     """Whether ``tokenbudget.uninstall()`` puts back the very objects the SDK classes had before any install."""
 

@@ -138,6 +138,7 @@ def _calls(quick: bool, sizes: dict[str, int], otel: Any) -> dict[str, Any]:
                 calls.bare_variant(),
                 calls.tokenbudget_variant("tokenbudget-memory", "memory://"),
                 calls.tokenbudget_variant("tokenbudget-sqlite", f"sqlite:///{Path(tmp) / 'ledger.db'}"),
+                calls.otel_floor_variant(),
             ]
             if redis is not None:
                 variants.append(calls.tokenbudget_variant("tokenbudget-redis", redis.start()))
