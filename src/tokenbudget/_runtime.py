@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import wrapt
 
@@ -20,6 +21,10 @@ from .clock import Clock
 from .config import Settings, load_settings
 from .guard import Guard
 from .ledger.base import Ledger
+
+if TYPE_CHECKING:
+    from .events import CallEvent
+    from .ledger.base import Allowance, Balance
 
 __all__ = ["active_guard", "install", "installed", "uninstall"]
 
@@ -31,6 +36,9 @@ _patched: list[tuple[Any, str, Any]] = []  # (owner, attribute, original object 
 _hooked: set[str] = set()
 
 _SDKS = ("openai", "anthropic")
+
+_alerts_lock = threading.Lock()
+"""Guards attaching/detaching alert managers and replacing :class:`_PendingAlerts` (``alerts`` shares it)."""
 
 
 def active_guard() -> Guard | None:
@@ -110,6 +118,52 @@ def _on_import(module: Any) -> None:
     _patch_sdk(module.__name__)
 
 
+class _PendingAlerts:
+    """Stands in for a guard's alert manager until its first call settles, so ``install()`` need not import
+    ``tokenbudget.alerts`` (and start the thread that seeds spike baselines from the ledger). The first call, any
+    ``tokenbudget.alerts.get_manager``, or importing ``tokenbudget.alerts`` replaces it with the real manager, which
+    seeds from the history up to ``installed_at``, exactly what an eager attach at install would have read.
+    """
+
+    __slots__ = ("guard", "installed_at")
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = weakref.ref(guard)  # the guard holds this in its listeners: no cycle
+        self.installed_at = guard.clock.now()
+
+    def __call__(
+        self, event: CallEvent, allowances: tuple[Allowance, ...] = (), balances: Mapping[str, Balance] | None = None
+    ) -> None:
+        guard = self.guard()
+        if guard is None:
+            return
+        from .alerts import get_manager
+
+        manager = get_manager(guard)  # None: detached meanwhile (re-install, uninstall)
+        if manager is not None:
+            manager.on_event(event, allowances, balances)
+
+
+def _attach_alerts(guard: Guard) -> None:
+    if "tokenbudget.alerts" in sys.modules:  # already paid for (on_alert, an earlier call): attach as before
+        from .alerts import attach_alerts
+
+        attach_alerts(guard)
+        return
+    with _alerts_lock:
+        guard.budget_listeners.append(_PendingAlerts(guard))
+
+
+def _detach_alerts(guard: Guard) -> None:
+    if "tokenbudget.alerts" in sys.modules:
+        from .alerts import detach_alerts  # waits for an import in progress in another thread to finish
+
+        detach_alerts(guard)
+        return
+    with _alerts_lock:  # not loaded: at most a stand-in to drop (alerts takes this lock before replacing one)
+        guard.budget_listeners[:] = [f for f in guard.budget_listeners if not isinstance(f, _PendingAlerts)]
+
+
 def install(
     config: str | os.PathLike[str] | Mapping[str, Any] | Settings | None = None,
     *,
@@ -144,12 +198,10 @@ def install(
         new = Guard(
             resolved, ledger=ledger, clock=clock, tracer_provider=tracer_provider, meter_provider=meter_provider
         )
-        from .alerts import attach_alerts, detach_alerts
-
-        attach_alerts(new)
+        _attach_alerts(new)
         old, _guard = _guard, new
         if old is not None:
-            detach_alerts(old)
+            _detach_alerts(old)
         if old is not None and old.ledger is not new.ledger:
             old.close()
         for sdk in _SDKS:
@@ -171,7 +223,5 @@ def uninstall() -> None:
             setattr(owner, attr, original)
         old, _guard = _guard, None
         if old is not None:
-            from .alerts import detach_alerts
-
-            detach_alerts(old)
+            _detach_alerts(old)
             old.close()

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from ._runtime import _alerts_lock, _PendingAlerts
 from .config import AlertSettings, WebhookSettings
 from .events import CallEvent
 from .ledger.base import Allowance, Balance, Ledger, Refusal
@@ -817,7 +818,9 @@ def _current_context() -> Context | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 _managers: weakref.WeakKeyDictionary[Guard, AlertManager] = weakref.WeakKeyDictionary()
-_managers_lock = threading.Lock()
+# Shared with tokenbudget._runtime, which stands in for a guard's manager until its first call (see
+# ``_runtime._PendingAlerts``): attaching, detaching and replacing the stand-in are one critical section.
+_managers_lock = _alerts_lock
 
 
 def attach_alerts(guard: Guard, *, logger_provider: Any = None) -> None:
@@ -828,11 +831,33 @@ def attach_alerts(guard: Guard, *, logger_provider: Any = None) -> None:
     with _managers_lock:
         if guard in _managers:
             return
-        manager = AlertManager(guard.settings.alerts, guard.ledger, logger_provider=logger_provider)
-        _managers[guard] = manager
+        pending = _pending_of(guard)
+        manager = _attach_locked(guard, pending, logger_provider)
+    _start_seed(guard, manager, pending)
+
+
+def _pending_of(guard: Guard) -> tuple[int, _PendingAlerts] | None:
+    for index, listener in enumerate(guard.budget_listeners):
+        if isinstance(listener, _PendingAlerts):
+            return index, listener
+    return None
+
+
+def _attach_locked(guard: Guard, pending: tuple[int, _PendingAlerts] | None, logger_provider: Any) -> AlertManager:
+    manager = AlertManager(guard.settings.alerts, guard.ledger, logger_provider=logger_provider)
+    _managers[guard] = manager
+    if pending is not None:  # take the stand-in's place, so listeners keep the order they were added in
+        guard.budget_listeners[pending[0]] = manager.on_event
+    else:
         guard.budget_listeners.append(manager.on_event)
+    return manager
+
+
+def _start_seed(guard: Guard, manager: AlertManager, pending: tuple[int, _PendingAlerts] | None) -> None:
     if guard.settings.record_events:
-        until = guard.clock.now()
+        # Seed up to the moment alerts were asked for (install() time for a stand-in): later events of this
+        # process reach the manager live, and counting them twice would inflate the baseline.
+        until = pending[1].installed_at if pending is not None else guard.clock.now()
         since = until - max(SEED_LOOKBACK_SECONDS, guard.settings.alerts.spike_baseline_seconds)
         threading.Thread(
             target=_seed, args=(manager, guard.ledger, since, until), name="tokenbudget-alerts-seed", daemon=True
@@ -855,18 +880,27 @@ def detach_alerts(guard: Guard, timeout: float = 1.0) -> None:
     """Stop evaluating ``guard``'s calls and stop its delivery threads (waiting at most ``timeout`` for each)."""
     with _managers_lock:
         manager = _managers.pop(guard, None)
-    if manager is None:
-        return
-    try:
-        guard.budget_listeners.remove(manager.on_event)
-    except ValueError:
-        pass
-    manager.close(timeout)
+        guard.budget_listeners[:] = [
+            f for f in guard.budget_listeners
+            if not isinstance(f, _PendingAlerts) and (manager is None or f != manager.on_event)
+        ]
+    if manager is not None:
+        manager.close(timeout)
 
 
 def get_manager(guard: Guard) -> AlertManager | None:
+    """The guard's alert manager; one that :func:`tokenbudget.install` left pending until the first call is
+    created now. ``None`` when alerts are not attached to ``guard``."""
     with _managers_lock:
-        return _managers.get(guard)
+        manager = _managers.get(guard)
+        if manager is not None:
+            return manager
+        pending = _pending_of(guard)
+        if pending is None:
+            return None
+        manager = _attach_locked(guard, pending, None)
+    _start_seed(guard, manager, pending)
+    return manager
 
 
 @atexit.register
@@ -888,3 +922,16 @@ def _wait_idle(worker: Any, deadline: float) -> bool:
                 return False
             worker._idle.wait(left)
     return True
+
+
+def _attach_pending_of_active_guard() -> None:
+    """Once this module is loaded, the installed guard's stand-in has nothing left to save: attach its manager now,
+    so code that imports ``tokenbudget.alerts`` after ``install()`` finds it (and its seeding) as before."""
+    from ._runtime import active_guard
+
+    guard = active_guard()
+    if guard is not None:
+        get_manager(guard)
+
+
+_attach_pending_of_active_guard()

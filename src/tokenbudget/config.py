@@ -20,11 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-
 __all__ = ["AlertSettings", "BudgetRule", "DowngradeTarget", "Settings", "load_settings"]
 
 Period = Literal["hour", "day", "week", "month", "total"]
@@ -210,6 +205,12 @@ def validate_settings(data: Mapping[str, Any], source: str) -> Settings:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    # Imported here: most installs pass a dict or find no file, and the parser is ~1.5 ms of import.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
     try:
         with path.open("rb") as fh:
             data: dict[str, Any] = tomllib.load(fh)

@@ -6,6 +6,10 @@ ints and cached, and a call's cost is a handful of integer multiplications round
 
 User overrides (``prices={...}``, ``[prices.*]`` in tokenbudget.toml) are USD per million tokens, layered over the
 catalog field by field, and validated up front so a typo fails at install time, not on the first call.
+
+The catalog (``genai_prices``: ~10 ms to import, ~15 ms more to build its snapshot) is loaded on the first price
+lookup, not when this module is imported: ``install()`` does not pay for it. Overrides are checked without it, except
+one that gives only some prices, which needs the catalog to know whether the model has the rest.
 """
 
 from __future__ import annotations
@@ -19,15 +23,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import Literal
-
-import genai_prices
-from genai_prices import data_snapshot as _gp_snapshot
-from genai_prices import types as _gp
+from importlib.metadata import version as _dist_version
+from typing import TYPE_CHECKING, Literal
 
 from .calls import Usage
 from .errors import ConfigError, UnknownModelError
 from .money import Micros, micros_from_pico, pico_per_token
+
+if TYPE_CHECKING:
+    from genai_prices import types as _gp
 
 __all__ = [
     "CATALOG_SOURCE",
@@ -41,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger("tokenbudget.pricing")
 
-CATALOG_SOURCE = f"genai-prices {genai_prices.__version__}"
+CATALOG_SOURCE = f"genai-prices {_dist_version('genai_prices')}"  # genai_prices.__version__, without importing it
 """``ModelPrice.source`` of a price taken unchanged from the bundled (or auto-updated) catalog."""
 
 DEFAULT_MAX_OUTPUT_TOKENS = 16384
@@ -335,6 +339,8 @@ def _guess_provider(ref: str) -> str | None:
 
 def _vendor_search(ref: str, provider: str | None) -> tuple[str, _gp.ModelInfo] | None:
     """The caller's provider, then OpenAI and Anthropic (Anthropic first for ``claude*``)."""
+    from genai_prices import data_snapshot as _gp_snapshot  # the catalog loads on the first lookup, not at import
+
     providers = _gp_snapshot.get_snapshot().providers
     order: list[_gp.Provider] = []
     if provider and (given := _gp_snapshot.find_provider_by_id(providers, provider)) is not None:
@@ -352,6 +358,8 @@ def _vendor_search(ref: str, provider: str | None) -> tuple[str, _gp.ModelInfo] 
 
 def _any_provider_search(ref: str) -> tuple[str, _gp.ModelInfo] | None:
     """Every other provider: genai-prices' own guess from the name, then a scan (Bedrock, OpenRouter, Groq, ...)."""
+    from genai_prices import data_snapshot as _gp_snapshot
+
     snapshot = _gp_snapshot.get_snapshot()
     try:
         guessed, guessed_model = snapshot.find_provider_model(ref, None, None, None)
@@ -385,11 +393,13 @@ _Level = dict[str, int | None]
 
 def _catalog_levels(prices: _gp.ModelPrice) -> list[tuple[int | None, _Level]]:
     """Flatten per-field tier lists into one chain of (threshold, prices) levels, the first with no threshold."""
-    raw: dict[str, Decimal | _gp.TieredPrices | None] = {}
+    from genai_prices.types import TieredPrices
+
+    raw: dict[str, Decimal | TieredPrices | None] = {}
     for name, key in _CATALOG_KEYS.items():
         value = getattr(prices, key, None)
-        raw[name] = value if isinstance(value, Decimal | _gp.TieredPrices) else None
-    starts = sorted({t.start for v in raw.values() if isinstance(v, _gp.TieredPrices) for t in v.tiers})
+        raw[name] = value if isinstance(value, Decimal | TieredPrices) else None
+    starts = sorted({t.start for v in raw.values() if isinstance(v, TieredPrices) for t in v.tiers})
     levels: list[tuple[int | None, _Level]] = []
     for threshold in (None, *starts):
         level: _Level = {}
