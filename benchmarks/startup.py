@@ -3,13 +3,21 @@
 Each sample is a new ``python`` process that imports openai and anthropic first (untimed), then times
 ``import tokenbudget`` and ``tokenbudget.install(ledger="memory://")`` with ``perf_counter``. A second kind of
 sample times the first guarded call in a fresh process against the first bare call in another fresh process, which
-is where anything loaded lazily (the tokenizer, the price table) shows up.
+is where anything loaded lazily (the tokenizer, the price table, the alerts module) shows up.
+
+Bytecode: an installed package is byte-compiled (pip does it; failing that, the first run writes ``__pycache__``),
+so the target row runs with every module's ``.pyc`` cached, in a private ``PYTHONPYCACHEPREFIX`` warmed by one
+untimed run. A development checkout run with ``PYTHONDONTWRITEBYTECODE=1`` instead compiles tokenbudget's own source
+in every process (tens of ms for ~8k lines); the "source compiled" rows measure that case, with only tokenbudget's
+``.pyc`` files removed from a copy of the warmed prefix. They are shown, not judged.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,9 +56,7 @@ print(json.dumps({"first_s": t1 - t0, "second_s": t2 - t1}))
 """
 
 
-def _python(code: str, *args: str, cwd: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    env.pop("PYTHONPROFILEIMPORTTIME", None)
+def _python(code: str, *args: str, cwd: str, env: dict[str, str]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=120, check=False)
     if proc.returncode != 0:
@@ -58,31 +64,62 @@ def _python(code: str, *args: str, cwd: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def _envs(root: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(every .pyc cached, tokenbudget compiled from source): both with their own pycache prefix under ``root``."""
+    base = dict(os.environ)
+    base.pop("PYTHONPROFILEIMPORTTIME", None)
+    cached = {**base, "PYTHONPYCACHEPREFIX": os.path.join(root, "pyc")}
+    cached.pop("PYTHONDONTWRITEBYTECODE", None)
+    source = {**base, "PYTHONPYCACHEPREFIX": os.path.join(root, "pyc-source"), "PYTHONDONTWRITEBYTECODE": "1"}
+    return cached, source
+
+
+def _drop_tokenbudget_bytecode(prefix: str) -> None:
+    spec = importlib.util.find_spec("tokenbudget")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    package_dir = os.path.abspath(next(iter(spec.submodule_search_locations)))
+    shutil.rmtree(os.path.join(prefix, package_dir.lstrip(os.sep)), ignore_errors=True)
+
+
+def _row(name: str, values: list[float], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "median_ms": median(values), "p99_ms": percentile(values, 99),
+            "median_us": median(values) * 1e3, "n": len(values), **extra}
+
+
 def run(*, repeats: int) -> list[dict[str, Any]]:
     # An empty working directory: no pyproject.toml for load_settings to find, as in a user's app.
-    with tempfile.TemporaryDirectory(prefix="tb-bench-startup-") as cwd:
-        imports: list[float] = []
-        installs: list[float] = []
-        totals: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="tb-bench-startup-") as cwd, \
+            tempfile.TemporaryDirectory(prefix="tb-bench-pyc-") as pyc_root:
+        cached, source = _envs(pyc_root)
+        # Untimed: writes the .pyc of everything the probes import, then a copy without tokenbudget's own.
+        _python(_IMPORT, cwd=cwd, env=cached)
+        for kind in ("bare", "tb"):
+            _python(_FIRST_CALL, kind, cwd=cwd, env=cached)
+        shutil.copytree(cached["PYTHONPYCACHEPREFIX"], source["PYTHONPYCACHEPREFIX"])
+        _drop_tokenbudget_bytecode(source["PYTHONPYCACHEPREFIX"])
+
+        samples: dict[str, dict[str, list[float]]] = {
+            mode: {"import": [], "install": [], "total": []} for mode in ("cached", "source")
+        }
         firsts: dict[str, list[float]] = {"bare": [], "tb": []}
         for _ in range(repeats):
-            s = _python(_IMPORT, cwd=cwd)
-            imports.append(s["import_s"] * 1e3)
-            installs.append(s["install_s"] * 1e3)
-            totals.append((s["import_s"] + s["install_s"]) * 1e3)
+            for mode, env in (("cached", cached), ("source", source)):  # interleaved
+                s = _python(_IMPORT, cwd=cwd, env=env)
+                samples[mode]["import"].append(s["import_s"] * 1e3)
+                samples[mode]["install"].append(s["install_s"] * 1e3)
+                samples[mode]["total"].append((s["import_s"] + s["install_s"]) * 1e3)
             for kind in ("bare", "tb"):  # interleaved
-                firsts[kind].append(_python(_FIRST_CALL, kind, cwd=cwd)["first_s"] * 1e3)
-    rows = [
-        {"name": "import tokenbudget + install(), beyond the SDKs", "median_ms": median(totals),
-         "p99_ms": percentile(totals, 99), "median_us": median(totals) * 1e3, "n": len(totals)},
-        {"name": "  of which import tokenbudget", "median_ms": median(imports), "p99_ms": percentile(imports, 99),
-         "median_us": median(imports) * 1e3, "n": len(imports)},
-        {"name": "  of which install()", "median_ms": median(installs), "p99_ms": percentile(installs, 99),
-         "median_us": median(installs) * 1e3, "n": len(installs)},
-        {"name": "first OpenAI call in a fresh process, bare", "median_ms": median(firsts["bare"]),
-         "p99_ms": percentile(firsts["bare"], 99), "median_us": median(firsts["bare"]) * 1e3, "n": repeats},
-        {"name": "first OpenAI call in a fresh process, tokenbudget", "median_ms": median(firsts["tb"]),
-         "p99_ms": percentile(firsts["tb"], 99), "median_us": median(firsts["tb"]) * 1e3, "n": repeats,
-         "extra_ms": median(firsts["tb"]) - median(firsts["bare"])},
+                firsts[kind].append(_python(_FIRST_CALL, kind, cwd=cwd, env=cached)["first_s"] * 1e3)
+    c, src = samples["cached"], samples["source"]
+    return [
+        _row("import tokenbudget + install(), beyond the SDKs", c["total"]),
+        _row("  of which import tokenbudget", c["import"]),
+        _row("  of which install()", c["install"]),
+        _row("same, tokenbudget compiled from source (no .pyc)", src["total"]),
+        _row("  of which import tokenbudget", src["import"]),
+        _row("  of which install()", src["install"]),
+        _row("first OpenAI call in a fresh process, bare", firsts["bare"]),
+        _row("first OpenAI call in a fresh process, tokenbudget", firsts["tb"],
+             extra_ms=median(firsts["tb"]) - median(firsts["bare"])),
     ]
-    return rows
