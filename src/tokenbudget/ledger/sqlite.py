@@ -19,6 +19,7 @@ Why SQLite and how it stays exact:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import operator
 import os
@@ -150,6 +151,19 @@ _PAGE_SIZE = 1024
 # parked here so garbage collection cannot close them either.
 _ABANDONED_AFTER_FORK: list[sqlite3.Connection] = []
 
+# Bumped in a forked child, so a ledger notices the fork with an int compare instead of a getpid() system call per
+# transaction. Where fork hooks do not exist (Windows) there is no fork either.
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_count_fork)
+
 
 _id_lock = threading.Lock()
 _last_ns = 0
@@ -170,13 +184,76 @@ _event_values = operator.attrgetter(*_EVENT_COLUMNS)
 _TAGS_AT = _EVENT_COLUMNS.index("tags")
 _KEYS_AT = _EVENT_COLUMNS.index("budget_keys")
 
+# A process sees the same few budget-key tuples on every call: their JSON text (both ways) is memoized, bounded.
+_MEMO_MAX = 1024
+_keys_text: dict[tuple[str, ...], str] = {}
+_keys_list: dict[str, tuple[str, ...]] = {}
+
+
+def _dump_keys(keys: Sequence[str]) -> str:
+    key = keys if isinstance(keys, tuple) else tuple(keys)
+    text = _keys_text.get(key)
+    if text is None:
+        text = _dumps(key)
+        if len(_keys_text) >= _MEMO_MAX:
+            _keys_text.clear()
+        _keys_text[key] = text
+    return text
+
+
+def _load_keys(text: str) -> tuple[str, ...]:
+    keys = _keys_list.get(text)
+    if keys is None:
+        keys = tuple(json.loads(text))
+        if len(_keys_list) >= _MEMO_MAX:
+            _keys_list.clear()
+        _keys_list[text] = keys
+    return keys
+
 
 def _event_params(event: CallEvent) -> list[Any]:
     params: list[Any] = list(_event_values(event))
-    params[_TAGS_AT] = _dumps(params[_TAGS_AT])
-    params[_KEYS_AT] = _dumps(params[_KEYS_AT])
+    tags = params[_TAGS_AT]
+    params[_TAGS_AT] = "{}" if tags == {} else _dumps(tags)
+    params[_KEYS_AT] = _dump_keys(params[_KEYS_AT])
     params.append(_dumps({name: getattr(event, name) for name in _EXTRA_FIELDS}) if _EXTRA_FIELDS else None)
     return params
+
+
+@functools.lru_cache(maxsize=64)
+def _read_sql(n_keys: int, n_scopes: int) -> str:
+    """Accounts of ``n_keys`` keys, active grants summed per scope of ``n_scopes`` scopes, and every hold past its
+    lease (``(2, id, keys, micros, tokens)``), in one statement: one snapshot, one round through the sqlite3 module.
+    Parameters: the keys, the scopes, then ``now`` three times. (``IN ()`` is valid SQLite, and false.)"""
+    return (
+        "SELECT 0, key, spent_micros, reserved_micros, spent_tokens, reserved_tokens FROM accounts "
+        f"WHERE key IN ({', '.join('?' * n_keys)}) "
+        "UNION ALL SELECT 1, scope, SUM(micros), SUM(tokens), 0, 0 FROM grants "
+        f"WHERE scope IN ({', '.join('?' * n_scopes)}) AND created_at <= ? "
+        "AND (expires_at IS NULL OR expires_at > ?) GROUP BY scope "
+        "UNION ALL SELECT 2, id, keys, micros, tokens, 0 FROM reservations WHERE state = 'held' AND expires_at <= ?"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _hold_sql(n: int) -> str:
+    """Add one hold to each of ``n`` accounts, creating those that do not exist yet (a key listed twice, twice)."""
+    return (
+        "INSERT INTO accounts (key, scope, reserved_micros, reserved_tokens, window_end) VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?)"] * n)
+        + " ON CONFLICT (key) DO UPDATE SET "
+        "reserved_micros = reserved_micros + excluded.reserved_micros, "
+        "reserved_tokens = reserved_tokens + excluded.reserved_tokens"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _move_sql(n: int) -> str:
+    return (
+        "UPDATE accounts SET reserved_micros = reserved_micros + ?, reserved_tokens = reserved_tokens + ?, "
+        "spent_micros = spent_micros + ?, spent_tokens = spent_tokens + ? "
+        f"WHERE key IN ({', '.join('?' * n)})"
+    )
 
 
 def _event_from_row(row: Sequence[Any]) -> CallEvent:
@@ -229,6 +306,7 @@ class SQLiteLedger(Ledger):
         self.url = "sqlite:///" + str(self.path)
         self.busy_timeout = float(busy_timeout)
         self._pid = os.getpid()
+        self._forks = _forks
         self._write_lock = threading.Lock()
         self._pool_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
@@ -398,7 +476,7 @@ class SQLiteLedger(Ledger):
             raise
 
     def _checkout(self) -> sqlite3.Connection:
-        if os.getpid() != self._pid:
+        if _forks != self._forks:
             self._after_fork()
         with self._pool_lock:
             if self._idle:
@@ -407,7 +485,7 @@ class SQLiteLedger(Ledger):
 
     def _checkin(self, conn: sqlite3.Connection) -> None:
         with self._pool_lock:
-            if len(self._idle) < _MAX_IDLE and os.getpid() == self._pid:
+            if len(self._idle) < _MAX_IDLE and _forks == self._forks:
                 self._idle.append(conn)
                 return
         conn.close()
@@ -429,11 +507,50 @@ class SQLiteLedger(Ledger):
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._pid = os.getpid()
+        self._forks = _forks
+
+    def _run(self, doing: str, write: bool, step: Callable[..., _T], *args: Any) -> _T:
+        """``step(conn, *args)`` in one transaction on a pooled connection (``BEGIN IMMEDIATE`` when ``write``); on
+        any failure it is rolled back and the connection dropped. A read (``write=False``) is a single statement in
+        autocommit mode: SQLite reads one consistent snapshot for it, without a ``BEGIN``/``COMMIT`` round.
+
+        A plain function rather than a ``@contextmanager``: this is on every guarded call, and a generator-based
+        context manager costs more than the rest of the Python around the SQL."""
+        if _forks != self._forks:
+            self._after_fork()
+        lock = self._write_lock if write else None
+        if lock is not None and not lock.acquire(timeout=self.busy_timeout if self.busy_timeout > 0 else -1):
+            raise LedgerError(
+                f"SQLite ledger {self.path}: {doing} failed: another thread of this process held the ledger for "
+                f"more than busy_timeout={self.busy_timeout:g}s; nothing was reserved or charged"
+            )
+        try:
+            conn = self._checkout()
+            try:
+                if write:
+                    conn.execute("BEGIN IMMEDIATE")
+                    out = step(conn, *args)
+                    conn.execute("COMMIT")
+                else:
+                    out = step(conn, *args)
+            except sqlite3.Error as exc:
+                self._discard(conn)
+                raise self._fail(exc, doing) from exc
+            except BaseException:
+                self._discard(conn)
+                raise
+            self._checkin(conn)
+            return out
+        finally:
+            if lock is not None:
+                lock.release()
 
     @contextmanager
     def _transaction(self, doing: str, *, write: bool) -> Iterator[sqlite3.Connection]:
-        """One transaction on a pooled connection; on any failure it is rolled back and the connection dropped."""
-        if os.getpid() != self._pid:
+        """One transaction on a pooled connection; on any failure it is rolled back and the connection dropped.
+
+        For the rarer operations (reports, grants); the per-call ones use :meth:`_run`."""
+        if _forks != self._forks:
             self._after_fork()
         lock = self._write_lock if write else None
         if lock is not None and not lock.acquire(timeout=self.busy_timeout if self.busy_timeout > 0 else -1):
@@ -459,53 +576,51 @@ class SQLiteLedger(Ledger):
                 lock.release()
 
     # -- internals (inside a transaction) ----------------------------------------------------------------------------
-    # Statements are batched over all keys of a call (one query for every balance, one upsert for every hold, one
-    # update per distinct multiplicity when charging): per-statement overhead, not SQLite's work, dominates a pair.
+    # Per-statement overhead in the sqlite3 module (and a GIL hand-off around each step), not SQLite's own work,
+    # dominates these operations, so each does as few statements as it can: a reserve is BEGIN, one read (balances,
+    # grants and expired holds together), one upsert of every hold, one insert, COMMIT; a settle is BEGIN, one
+    # UPDATE ... RETURNING of its reservation, one update of its accounts, the event insert, COMMIT; a balance is one
+    # SELECT. The SQL text of each shape is built once (and so is prepared once per connection by the statement cache).
 
     @staticmethod
     def _move(conn: sqlite3.Connection, keys: Sequence[str], amounts: tuple[int, int, int, int]) -> None:
         """Add ``(reserved_micros, reserved_tokens, spent_micros, spent_tokens)`` to each key, once per mention."""
+        if len(set(keys)) == len(keys):  # the usual case: every key once
+            conn.execute(_move_sql(len(keys)), (*amounts, *keys))
+            return
         counts = Counter(keys)
         for n in sorted(set(counts.values())):
             group = [k for k, c in counts.items() if c == n]
-            conn.execute(
-                "UPDATE accounts SET reserved_micros = reserved_micros + ?, reserved_tokens = reserved_tokens + ?, "
-                "spent_micros = spent_micros + ?, spent_tokens = spent_tokens + ? "
-                f"WHERE key IN ({', '.join('?' * len(group))})",
-                (*(n * x for x in amounts), *group),
-            )
+            conn.execute(_move_sql(len(group)), (*(n * x for x in amounts), *group))
 
-    def _sweep(self, conn: sqlite3.Connection, now: float) -> None:
-        expired = conn.execute(
-            "SELECT id, keys, micros, tokens FROM reservations WHERE state = 'held' AND expires_at <= ?", (now,)
-        ).fetchall()
+    def _sweep(self, conn: sqlite3.Connection, expired: Sequence[Any]) -> None:
+        """Give back the holds of ``(id, keys, micros, tokens)`` rows whose lease ended, and mark them expired."""
         for rid, keys, micros, tokens in expired:
-            self._move(conn, json.loads(keys), (-micros, -tokens, 0, 0))
-            conn.execute("UPDATE reservations SET state = 'expired' WHERE id = ?", (rid,))
+            self._move(conn, _load_keys(keys), (-micros, -tokens, 0, 0))
+            conn.execute("UPDATE reservations SET state = 'expired' WHERE id = ? AND state = 'held'", (rid,))
 
     @staticmethod
-    def _balances(
-        conn: sqlite3.Connection, allowances: Sequence[Allowance], now: float, unswept: Sequence[Any] = ()
-    ) -> list[Balance]:
+    def _read(
+        conn: sqlite3.Connection, allowances: Sequence[Allowance], now: float
+    ) -> tuple[list[Balance], list[Any]]:
+        """Balances of ``allowances`` and the holds past their lease, in one statement.
+
+        The balances already leave out the expired holds (as they will be once swept)."""
         keys = list(dict.fromkeys(a.key for a in allowances))
         scopes = list(dict.fromkeys(a.scope for a in allowances))
-        rows = conn.execute(
-            "SELECT 0, key, spent_micros, reserved_micros, spent_tokens, reserved_tokens FROM accounts "
-            f"WHERE key IN ({', '.join('?' * len(keys))}) "
-            "UNION ALL SELECT 1, scope, SUM(micros), SUM(tokens), 0, 0 FROM grants "
-            f"WHERE scope IN ({', '.join('?' * len(scopes))}) AND created_at <= ? "
-            "AND (expires_at IS NULL OR expires_at > ?) GROUP BY scope",
-            (*keys, *scopes, now, now),
-        ).fetchall()
+        rows = conn.execute(_read_sql(len(keys), len(scopes)), (*keys, *scopes, now, now, now)).fetchall()
         accounts: dict[str, list[int]] = {}
         granted: dict[str, tuple[int, int]] = {}
+        expired: list[Any] = []
         for kind, name, a, b, c, d in rows:
             if kind == 0:
                 accounts[name] = [a, b, c, d]
-            else:
+            elif kind == 1:
                 granted[name] = (int(a), int(b))
-        for held_keys, micros, tokens in unswept:  # holds past their lease that no reserve has swept yet
-            for key in json.loads(held_keys):
+            else:
+                expired.append((name, a, b, c))
+        for _rid, held_keys, micros, tokens in expired:
+            for key in _load_keys(held_keys):
                 acct = accounts.get(key)
                 if acct is not None:
                     acct[1] -= micros
@@ -516,78 +631,92 @@ class SQLiteLedger(Ledger):
             gm, gt = granted.get(a.scope, (0, 0))
             lm, lt = effective_limits(a, gm, gt)
             out.append(Balance(a.key, a.scope, lm, lt, spent_m, held_m, spent_t, held_t, gm, gt))
-        return out
+        return out, expired
 
-    # -- Ledger ----------------------------------------------------------------------------------------------------
-    def reserve(
-        self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
+    def _reserve(
+        self, conn: sqlite3.Connection, allowances: Sequence[Allowance], micros: int, tokens: int,
+        lease_seconds: float, now: float,
     ) -> Reservation | Refusal:
-        with self._transaction("reserve", write=True) as conn:
-            self._sweep(conn, now)
-            enforced = [a for a in allowances if a.enforce]
-            if enforced:
-                for a, bal in zip(enforced, self._balances(conn, enforced, now), strict=True):
-                    if not fits(bal, micros, tokens):
-                        return Refusal(a, bal, micros, tokens)
-            res = Reservation(_new_id(), tuple(a.key for a in allowances), micros, tokens, now + lease_seconds)
-            if allowances:
-                conn.execute(
-                    "INSERT INTO accounts (key, scope, reserved_micros, reserved_tokens, window_end) VALUES "
-                    + ", ".join(["(?, ?, ?, ?, ?)"] * len(allowances))
-                    + " ON CONFLICT (key) DO UPDATE SET "
-                    "reserved_micros = reserved_micros + excluded.reserved_micros, "
-                    "reserved_tokens = reserved_tokens + excluded.reserved_tokens",
-                    [x for a in allowances for x in (a.key, a.scope, micros, tokens, a.window_end)],
-                )
+        enforced = [a for a in allowances if a.enforce]
+        balances, expired = self._read(conn, enforced, now)
+        if expired:
+            self._sweep(conn, expired)
+        for a, bal in zip(enforced, balances, strict=True):
+            if not fits(bal, micros, tokens):
+                return Refusal(a, bal, micros, tokens)
+        keys = tuple(a.key for a in allowances)
+        res = Reservation(_new_id(), keys, micros, tokens, now + lease_seconds)
+        if allowances:
             conn.execute(
-                "INSERT INTO reservations (id, keys, micros, tokens, expires_at, state, created_at) "
-                "VALUES (?, ?, ?, ?, ?, 'held', ?)",
-                (res.id, _dumps(res.keys), micros, tokens, res.expires_at, now),
+                _hold_sql(len(allowances)),
+                [x for a in allowances for x in (a.key, a.scope, micros, tokens, a.window_end)],
             )
-            return res
+        conn.execute(
+            "INSERT INTO reservations (id, keys, micros, tokens, expires_at, state, created_at) "
+            "VALUES (?, ?, ?, ?, ?, 'held', ?)",
+            (res.id, _dump_keys(keys), micros, tokens, res.expires_at, now),
+        )
+        return res
 
-    def settle(
-        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
+    def _settle(
+        self, conn: sqlite3.Connection, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None,
+        now: float,
     ) -> bool:
-        with self._transaction("settle", write=True) as conn:
-            row = conn.execute(
-                "SELECT state, keys, micros, tokens FROM reservations WHERE id = ?", (reservation.id,)
-            ).fetchone()
-            if row is None:
+        # The usual case in one statement: a held reservation becomes settled, handing back what it held.
+        row = conn.execute(
+            "UPDATE reservations SET state = 'settled', settled_at = ?, spent_micros = ?, spent_tokens = ? "
+            "WHERE id = ? AND state = 'held' RETURNING keys, micros, tokens",
+            (now, micros, tokens, reservation.id),
+        ).fetchone()
+        keys: Sequence[str]
+        if row is not None:
+            keys = _load_keys(row[0])
+            held_m, held_t = row[1], row[2]
+        else:
+            held_m = held_t = 0
+            known = conn.execute("SELECT state, keys FROM reservations WHERE id = ?", (reservation.id,)).fetchone()
+            if known is None:
                 # Not reserved here (another store, or a pruned row): charge the accounts that exist, and remember it.
-                keys: list[str] = list(reservation.keys)
-                held_m = held_t = 0
+                keys = reservation.keys
                 conn.execute(
                     "INSERT INTO reservations (id, keys, micros, tokens, expires_at, state, created_at, settled_at, "
                     "spent_micros, spent_tokens) VALUES (?, ?, ?, ?, ?, 'settled', ?, ?, ?, ?)",
-                    (reservation.id, _dumps(keys), reservation.micros, reservation.tokens, reservation.expires_at,
-                     now, now, micros, tokens),
+                    (reservation.id, _dump_keys(keys), reservation.micros, reservation.tokens,
+                     reservation.expires_at, now, now, micros, tokens),
                 )  # fmt: skip
-            else:
-                state, keys_json, held_m, held_t = row
-                if state == "settled":
-                    return False
-                keys = json.loads(keys_json)
-                if state != "held":  # expired: its hold was already given back
-                    held_m = held_t = 0
+            elif known[0] == "settled":
+                return False
+            else:  # expired: its hold was already given back
+                keys = _load_keys(known[1])
                 conn.execute(
                     "UPDATE reservations SET state = 'settled', settled_at = ?, spent_micros = ?, spent_tokens = ? "
                     "WHERE id = ?",
                     (now, micros, tokens, reservation.id),
                 )
-            if keys:
-                self._move(conn, keys, (-held_m, -held_t, micros, tokens))
-            if event is not None:
-                conn.execute(_INSERT_EVENT, _event_params(event))
-            return True
+        if keys:
+            self._move(conn, keys, (-held_m, -held_t, micros, tokens))
+        if event is not None:
+            conn.execute(_INSERT_EVENT, _event_params(event))
+        return True
+
+    @staticmethod
+    def _balance(conn: sqlite3.Connection, allowance: Allowance, now: float) -> Balance:
+        return SQLiteLedger._read(conn, (allowance,), now)[0][0]
+
+    # -- Ledger ----------------------------------------------------------------------------------------------------
+    def reserve(
+        self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
+    ) -> Reservation | Refusal:
+        return self._run("reserve", True, self._reserve, allowances, micros, tokens, lease_seconds, now)
+
+    def settle(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
+    ) -> bool:
+        return self._run("settle", True, self._settle, reservation, micros, tokens, event, now)
 
     def balance(self, allowance: Allowance, *, now: float) -> Balance:
         # Read-only: holds past their lease are subtracted here rather than swept, so reports never take the write lock.
-        with self._transaction("reading a balance", write=False) as conn:
-            unswept = conn.execute(
-                "SELECT keys, micros, tokens FROM reservations WHERE state = 'held' AND expires_at <= ?", (now,)
-            ).fetchall()
-            return self._balances(conn, [allowance], now, unswept)[0]
+        return self._run("reading a balance", False, self._balance, allowance, now)
 
     def record(self, event: CallEvent) -> None:
         with self._transaction("recording an event", write=True) as conn:
@@ -654,7 +783,7 @@ class SQLiteLedger(Ledger):
 
     def close(self) -> None:
         """Close idle connections; the ledger stays usable and reconnects on next use."""
-        if os.getpid() != self._pid:
+        if _forks != self._forks or os.getpid() != self._pid:
             self._after_fork()
             return
         with self._pool_lock:
