@@ -614,3 +614,92 @@ def test_throughput_smoke(ledger: SQLiteLedger) -> None:
         ledger.settle(r, 90, 9, _event(i, 90, r.keys), now=T0)
     rate = n / (time.perf_counter() - started)
     assert rate > 300, f"{rate:.0f} reserve+settle pairs/s"
+
+
+# -- statements per call (each is a round through the sqlite3 module on the caller's thread) -----------------------
+def _traced(ledger: SQLiteLedger) -> list[str]:
+    """Every statement the ledger's (only) pooled connection runs from now on."""
+    conn = ledger._checkout()
+    assert ledger._idle == []  # the next operation gets this very connection back
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    ledger._checkin(conn)
+    return seen
+
+
+def test_a_call_costs_few_statements_and_balance_is_one_read(ledger: SQLiteLedger) -> None:
+    a = Allowance("k", "s", limit_micros=1000)
+    w = Allowance("w", "ws", limit_micros=1, enforce=False)
+    seen = _traced(ledger)
+    r = ledger.reserve([a, w], 100, 10, lease_seconds=60, now=T0)
+    assert isinstance(r, Reservation)
+    assert seen[0] == "BEGIN IMMEDIATE" and seen[-1] == "COMMIT" and len(seen) == 5, seen
+    seen.clear()
+    assert ledger.settle(r, 40, 4, _event(1, 40, r.keys), now=T0)
+    assert seen[0] == "BEGIN IMMEDIATE" and seen[-1] == "COMMIT" and len(seen) == 5, seen
+    seen.clear()
+    bal = ledger.balance(a, now=T0)
+    assert len(seen) == 1 and seen[0].startswith("SELECT"), seen  # no BEGIN/COMMIT: one statement is one snapshot
+    assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens, bal.reserved_tokens) == (40, 0, 4, 0)
+    conn = ledger._checkout()
+    assert not conn.in_transaction  # the read left no snapshot pinned
+    ledger._checkin(conn)
+    seen.clear()
+    assert ledger.settle(r, 40, 4, _event(2, 40, r.keys), now=T0) is False  # a repeat reads the row and stops
+    assert len(seen) == 4, seen
+
+
+def test_reserve_sweeps_expired_holds_it_read_in_the_same_statement(ledger: SQLiteLedger) -> None:
+    a = Allowance("k", "s", limit_micros=1000)
+    b = Allowance("k2", "s2", limit_micros=1000)
+    old = ledger.reserve([a, b, a], 300, 3, lease_seconds=10, now=T0)  # k mentioned twice: held twice
+    assert isinstance(old, Reservation)
+    assert ledger.balance(a, now=T0).reserved_micros == 600
+    # Past the lease, a balance leaves the hold out without sweeping; a reserve sweeps it and fits because of it.
+    assert ledger.balance(a, now=T0 + 11).reserved_micros == 0
+    assert [r.id for r in ledger.active_reservations(now=T0)] == [old.id]
+    seen = _traced(ledger)
+    new = ledger.reserve([a], 1000, 0, lease_seconds=60, now=T0 + 11)
+    assert isinstance(new, Reservation)
+    assert any("state = 'expired'" in sql for sql in seen), seen
+    assert ledger.active_reservations(now=T0) == [new]
+    for al, held in ((a, 1000), (b, 0)):
+        bal = ledger.balance(al, now=T0 + 11)
+        assert (bal.reserved_micros, bal.reserved_tokens) == (held, 0)
+    # The late settle of the swept hold charges every mention once and gives nothing back twice.
+    assert ledger.settle(old, 100, 1, _event(1, 100, old.keys), now=T0 + 12)
+    assert ledger.settle(old, 100, 1, _event(2, 100, old.keys), now=T0 + 12) is False
+    bal_a, bal_b = ledger.balance(a, now=T0 + 12), ledger.balance(b, now=T0 + 12)
+    assert (bal_a.spent_micros, bal_a.reserved_micros, bal_a.spent_tokens) == (200, 1000, 2)
+    assert (bal_b.spent_micros, bal_b.reserved_micros, bal_b.spent_tokens) == (100, 0, 1)
+
+
+def test_without_returning_settle_reads_then_updates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite 3.24-3.34 has no UPDATE ... RETURNING: the same settle, one statement more."""
+    monkeypatch.setattr(sqlite_mod, "_RETURNING", False)
+    led = SQLiteLedger(path)
+    a = Allowance("k", "s", limit_micros=1000)
+    seen = _traced(led)
+    r = led.reserve([a], 500, 5, lease_seconds=10, now=T0)
+    assert isinstance(r, Reservation)
+    seen.clear()
+    assert led.settle(r, 200, 2, _event(1, 200, r.keys), now=T0)
+    assert not any("RETURNING" in sql for sql in seen) and len(seen) == 6, seen
+    assert led.settle(r, 200, 2, _event(2, 200, r.keys), now=T0) is False
+    late = led.reserve([a], 300, 3, lease_seconds=10, now=T0)
+    assert isinstance(late, Reservation)
+    assert led.settle(late, 300, 3, _event(3, 300, late.keys), now=T0 + 20)  # expired: charged, nothing given back
+    bal = led.balance(a, now=T0 + 20)
+    assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens, bal.reserved_tokens) == (500, 0, 5, 0)
+    _assert_exact(led, a, now=T0 + 20)
+    led.close()
+
+
+def test_event_tags_and_keys_round_trip_through_the_memoized_encoding(ledger: SQLiteLedger) -> None:
+    keys = ("org@total", "team@2026-01-01")
+    for n, tags in enumerate(({}, {"b": "2", "a": "1"}, {})):
+        ledger.record(CallEvent(id=f"t{n}", time=T0 + n, provider="openai", model="m", tags=tags, budget_keys=keys))
+    ledger.record(CallEvent(id="t3", time=T0 + 3, provider="openai", model="m", tags={}, budget_keys=list(keys)))
+    got = list(ledger.events())
+    assert [e.tags for e in got] == [{}, {"a": "1", "b": "2"}, {}, {}]
+    assert all(e.budget_keys == keys for e in got)

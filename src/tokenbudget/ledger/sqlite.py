@@ -145,6 +145,7 @@ _SELECT_EVENTS = "SELECT seq, {}, extra FROM events".format(", ".join(f'"{c}"' f
 _EVENT_BATCH = 512
 _MAX_IDLE = 8
 _MIN_SQLITE = (3, 24, 0)
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)  # UPDATE ... RETURNING; older builds read the row first
 _PAGE_SIZE = 1024
 
 # Connections inherited across fork() must never be used or closed by the child (SQLite forbids both); they are
@@ -663,11 +664,22 @@ class SQLiteLedger(Ledger):
         now: float,
     ) -> bool:
         # The usual case in one statement: a held reservation becomes settled, handing back what it held.
-        row = conn.execute(
-            "UPDATE reservations SET state = 'settled', settled_at = ?, spent_micros = ?, spent_tokens = ? "
-            "WHERE id = ? AND state = 'held' RETURNING keys, micros, tokens",
-            (now, micros, tokens, reservation.id),
-        ).fetchone()
+        if _RETURNING:
+            row = conn.execute(
+                "UPDATE reservations SET state = 'settled', settled_at = ?, spent_micros = ?, spent_tokens = ? "
+                "WHERE id = ? AND state = 'held' RETURNING keys, micros, tokens",
+                (now, micros, tokens, reservation.id),
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "SELECT keys, micros, tokens FROM reservations WHERE id = ? AND state = 'held'", (reservation.id,)
+            ).fetchone()
+            if row is not None:
+                conn.execute(
+                    "UPDATE reservations SET state = 'settled', settled_at = ?, spent_micros = ?, spent_tokens = ? "
+                    "WHERE id = ?",
+                    (now, micros, tokens, reservation.id),
+                )
         keys: Sequence[str]
         if row is not None:
             keys = _load_keys(row[0])
