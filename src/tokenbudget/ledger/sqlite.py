@@ -601,9 +601,7 @@ class SQLiteLedger(Ledger):
             conn.execute("UPDATE reservations SET state = 'expired' WHERE id = ? AND state = 'held'", (rid,))
 
     @staticmethod
-    def _read(
-        conn: sqlite3.Connection, allowances: Sequence[Allowance], now: float
-    ) -> tuple[list[Balance], list[Any]]:
+    def _read(conn: sqlite3.Connection, allowances: Sequence[Allowance], now: float) -> tuple[list[Balance], list[Any]]:
         """Balances of ``allowances`` and the holds past their lease, in one statement.
 
         The balances already leave out the expired holds (as they will be once swept)."""
@@ -635,8 +633,13 @@ class SQLiteLedger(Ledger):
         return out, expired
 
     def _reserve(
-        self, conn: sqlite3.Connection, allowances: Sequence[Allowance], micros: int, tokens: int,
-        lease_seconds: float, now: float,
+        self,
+        conn: sqlite3.Connection,
+        allowances: Sequence[Allowance],
+        micros: int,
+        tokens: int,
+        lease_seconds: float,
+        now: float,
     ) -> Reservation | Refusal:
         enforced = [a for a in allowances if a.enforce]
         balances, expired = self._read(conn, enforced, now)
@@ -660,7 +663,12 @@ class SQLiteLedger(Ledger):
         return res
 
     def _settle(
-        self, conn: sqlite3.Connection, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None,
+        self,
+        conn: sqlite3.Connection,
+        reservation: Reservation,
+        micros: int,
+        tokens: int,
+        event: CallEvent | None,
         now: float,
     ) -> bool:
         # The usual case in one statement: a held reservation becomes settled, handing back what it held.
