@@ -408,6 +408,125 @@ def test_throughput_smoke(make: Callable[..., RedisLedger]) -> None:
     assert rate > 200, f"{rate:.0f} reserve+settle pairs/s"
 
 
+# -- group commit: many threads' calls in one pipelined batch --------------------------------------------------------
+def _one_batch(led: RedisLedger, admin: redis.Redis, jobs: list[Callable[[], Any]],
+               meanwhile: Callable[[], None] | None = None) -> list[Any]:  # fmt: skip
+    """Run each job on its own thread while Redis holds writes (CLIENT PAUSE WRITE): the first job's script is sent
+    and waits; every other one queues behind it, so they all go to Redis together as ONE batch once writes resume.
+    ``meanwhile`` runs when all are queued (and before writes resume). Returns each job's result or exception."""
+    group = led._batcher()
+    admin.client_pause(5000, all=False)
+    results: list[Any] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = jobs[i]()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(group._queue) < len(jobs) - 1 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert len(group._queue) == len(jobs) - 1, "the calls did not queue behind the one in flight"
+        if meanwhile is not None:
+            meanwhile()
+    finally:
+        try:
+            admin.client_unpause()
+        except redis.exceptions.RedisError:
+            pass  # the meanwhile may have stopped the server
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads), "a caller was left waiting"
+    assert group._queue == [] and not group._busy  # nothing dangling: the next call is sent at once
+    return results
+
+
+def test_coalesced_calls_of_many_threads_stay_all_or_none_and_settle_exactly_once(
+    make: Callable[..., RedisLedger], redis_url: str
+) -> None:
+    led = make(socket_timeout=10)
+    admin = redis.Redis.from_url(redis_url)
+    day = Allowance("day", "team", limit_micros=1000)
+    total = Allowance("total", "org", limit_micros=10**9)
+    led.settle(led.reserve([total], 1, 0, lease_seconds=60, now=T0), 0, 0, None, now=T0)  # scripts loaded
+
+    # 16 reservations of 100 against 1000, all in one batch: exactly 10 fit, on both budgets or on neither.
+    got = _one_batch(led, admin, [lambda: led.reserve([day, total], 100, 1, lease_seconds=60, now=T0)] * 16)
+    assert led._batcher().largest >= 15
+    held = [r for r in got if isinstance(r, Reservation)]
+    refused = [r for r in got if isinstance(r, Refusal)]
+    assert (len(held), len(refused)) == (10, 6)
+    assert all(r.allowance.key == "day" for r in refused)
+    assert led.balance(day, now=T0).reserved_micros == led.balance(total, now=T0).reserved_micros == 1000
+
+    # Every reservation settled twice, both settles in one batch: each charges once, and only one of them says so.
+    jobs: list[Callable[[], Any]] = []
+    for i, r in enumerate(held):
+        jobs += [lambda r=r, i=i: led.settle(r, 90, 1, _event(i, 90, r.keys), now=T0)] * 2
+    done = _one_batch(led, admin, jobs)
+    assert sum(d is True for d in done) == 10 and sum(d is False for d in done) == 10
+    for r in held:
+        assert sorted(d for j, d in enumerate(done) if held[j // 2] is r) == [False, True]
+    for a in (day, total):
+        bal = led.balance(a, now=T0)
+        assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens) == (900, 0, 10)
+    assert sorted(e.id for e in led.events()) == sorted(f"e{i}" for i in range(10))
+    _assert_exact(led, day, now=T0)
+    admin.close()
+
+
+def test_a_connection_killed_mid_batch_resends_the_whole_batch_once(
+    make: Callable[..., RedisLedger], redis_url: str
+) -> None:
+    """The batch's connection dies before Redis ran any of it: the one retry sends every call again, on a new
+    connection, and each runs exactly once."""
+    led = make(socket_timeout=10)
+    admin = redis.Redis.from_url(redis_url)
+    a = Allowance("k", "s", limit_micros=10**6)
+    led.settle(led.reserve([a], 1, 0, lease_seconds=60, now=T0), 1, 0, None, now=T0)
+    got = _one_batch(led, admin, [lambda: led.reserve([a], 100, 1, lease_seconds=60, now=T0)] * 8,
+                     meanwhile=lambda: admin.client_kill_filter(_type="normal", skipme=True))  # fmt: skip
+    assert all(isinstance(r, Reservation) for r in got), got
+    assert led.balance(a, now=T0).reserved_micros == 800
+    assert sorted(r.id for r in led.active_reservations(now=T0)) == sorted(r.id for r in got)
+    admin.close()
+
+
+def test_redis_dying_mid_batch_fails_every_waiter_and_spools_every_settle_once(
+    own: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    server = own(persist=True)
+    led = RedisLedger(server.url, spool_path=tmp_path / "spool.db", socket_timeout=10, on_error="closed")
+    admin = redis.Redis(port=server.port)
+    a = Allowance("k", "s", limit_micros=10**6)
+    earlier = [led.reserve([a], 100, 1, lease_seconds=600, now=T0) for _ in range(4)]
+    assert all(isinstance(r, Reservation) for r in earlier)
+
+    jobs: list[Callable[[], Any]] = [lambda: led.reserve([a], 50, 1, lease_seconds=600, now=T0)] * 4
+    jobs += [lambda r=r, i=i: led.settle(r, 70, 1, _event(i, 70, r.keys), now=T0) for i, r in enumerate(earlier)]
+    got = _one_batch(led, admin, jobs, meanwhile=server.stop)
+    # Reserves are refused (on_error="closed"); settles have spent their money: spooled, reported as charged.
+    assert all(isinstance(r, LedgerUnavailable) for r in got[:4]), got
+    assert got[4:] == [True] * 4
+    assert led.spooled() == 4
+
+    server.start()
+    led.replay_spool()
+    _wait_for_empty_spool(led)
+    bal = led.balance(a, now=T0)
+    assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens) == (280, 0, 4)  # no refused reserve held
+    assert sorted(e.id for e in led.events()) == ["e0", "e1", "e2", "e3"]
+    assert led.replay_spool() == 0 and all(led.settle(r, 70, 1, None, now=T0) is False for r in earlier)
+    assert isinstance(led.reserve([a], 1, 0, lease_seconds=60, now=T0), Reservation)  # and calls go on
+    admin.close()
+    led.close()
+
+
 # -- a fleet racing for one budget ------------------------------------------------------------------------------------
 def _contend(url: str, prefix: str, spool: str, limit: int, amount: int, threads: int, attempts: int, barrier: Any,
              out: Any) -> None:  # fmt: skip

@@ -575,6 +575,8 @@ class _GroupCommit:
         self._mutex = threading.Lock()
         self._queue: list[_Waiter] = []
         self._busy = False
+        self.largest = 0
+        """Most calls sent in one batch so far (for tests and curiosity)."""
 
     def call(self, script: _Lua, command: bytes) -> Any:
         me = _Waiter(script, command)
@@ -597,6 +599,8 @@ class _GroupCommit:
             batch, self._queue = self._queue, []
         if not me.lead:
             batch.insert(0, me)  # nothing was in flight: me was never queued
+        if len(batch) > self.largest:
+            self.largest = len(batch)
         try:
             self._flush(batch)
         except BaseException as exc:  # not a Redis error (those are the waiters'): KeyboardInterrupt, a bug...
