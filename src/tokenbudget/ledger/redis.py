@@ -507,7 +507,7 @@ class _Lua:
 
     @classmethod
     def of(cls, source: str) -> _Lua:
-        return cls(source, hashlib.sha1(source.encode("utf-8")).hexdigest())
+        return cls(source, hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest())
 
     def call(self, keys: Sequence[str], args: Sequence[str]) -> bytes:
         return _command("EVALSHA", self.sha, str(len(keys)), *keys, *args)
@@ -588,11 +588,31 @@ class _GroupCommit:
             else:
                 self._busy = True
         if me.gate is not None:
-            me.gate.acquire()  # released by the leader: answered, or promoted to lead the next batch
+            try:
+                me.gate.acquire()  # released by the leader: answered, or promoted to lead the next batch
+            except BaseException:
+                self._abandon(me)
+                raise
             if not me.lead:
                 return me.result()
         self._lead(me)
         return me.result()
+
+    def _abandon(self, me: _Waiter) -> None:
+        """A signal (Ctrl-C) interrupted a queued caller: the call is already queued, and the lead may yet be handed
+        to it, so wait for its turn anyway (bounded by the socket timeouts) and lead if asked: otherwise every call
+        queued behind it would wait forever."""
+        while True:
+            try:
+                me.gate.acquire()
+                break
+            except BaseException:
+                continue
+        if me.lead:
+            try:
+                self._lead(me)
+            except BaseException:
+                log.debug("a batch led by an interrupted caller failed", exc_info=True)
 
     def _lead(self, me: _Waiter) -> None:
         with self._mutex:
