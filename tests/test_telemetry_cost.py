@@ -57,3 +57,21 @@ def test_attribute_sets_beyond_the_limit_are_summed_under_overflow() -> None:
     (overflow,) = [p for p in points if p.attributes.get("otel.metric.overflow")]
     assert overflow.value == 5e-6
     assert round(sum(p.value for p in points) * 1e6) == _CostTotals._LIMIT + 5
+
+
+class _UnhashableProvider(MeterProvider):
+    """Like logfire's proxy meter provider: defines equality, so it has no hash."""
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_a_meter_provider_without_a_hash_still_gets_its_totals() -> None:
+    reader = InMemoryMetricReader()
+    provider = _UnhashableProvider(metric_readers=[reader])
+    first, second = Telemetry(meter_provider=provider), Telemetry(meter_provider=provider)
+    _finish(first, "ann", 3)
+    _finish(second, "ann", 4)
+    assert [p.value for p in _points(reader)] == [7e-6]

@@ -6,10 +6,11 @@ instruments, so nothing breaks and nothing is printed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
@@ -253,15 +254,27 @@ class _CostTotals:
         return [Observation(micros_to_usd(micros), attributes) for attributes, micros in snapshot]
 
 
-_COST_TOTALS: weakref.WeakKeyDictionary[Any, _CostTotals] = weakref.WeakKeyDictionary()
+_COST_TOTALS: dict[int, tuple[Callable[[], Any], _CostTotals]] = {}
 _COST_TOTALS_LOCK = threading.Lock()
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _cost_totals(provider: Any, meter: metrics.Meter) -> _CostTotals:
+    """The totals of ``provider``, found by identity: providers need not be hashable (logfire's proxy is not)."""
     with _COST_TOTALS_LOCK:
-        totals = _COST_TOTALS.get(provider)
-        if totals is None:
-            totals = _COST_TOTALS[provider] = _CostTotals(meter)
+        key = id(provider)
+        hit = _COST_TOTALS.get(key)
+        if hit is not None and hit[0]() is provider:
+            return hit[1]
+        totals = _CostTotals(meter)
+        try:
+            ref: Callable[[], Any] = weakref.ref(provider, lambda _r: _COST_TOTALS.pop(key, None))
+        except TypeError:  # no weak references to it: keep it (providers live as long as the process anyway)
+            ref = functools.partial(_same, provider)
+        _COST_TOTALS[key] = (ref, totals)
         return totals
 
 

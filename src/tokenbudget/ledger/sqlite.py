@@ -510,13 +510,8 @@ class SQLiteLedger(Ledger):
         self._pid = os.getpid()
         self._forks = _forks
 
-    def _run(self, doing: str, write: bool, step: Callable[..., _T], *args: Any) -> _T:
-        """``step(conn, *args)`` in one transaction on a pooled connection (``BEGIN IMMEDIATE`` when ``write``); on
-        any failure it is rolled back and the connection dropped. A read (``write=False``) is a single statement in
-        autocommit mode: SQLite reads one consistent snapshot for it, without a ``BEGIN``/``COMMIT`` round.
-
-        A plain function rather than a ``@contextmanager``: this is on every guarded call, and a generator-based
-        context manager costs more than the rest of the Python around the SQL."""
+    def _enter(self, doing: str, write: bool) -> threading.Lock | None:
+        """Start of every transaction: notice a fork, and for a write take this process's write lock (or fail)."""
         if _forks != self._forks:
             self._after_fork()
         lock = self._write_lock if write else None
@@ -525,6 +520,16 @@ class SQLiteLedger(Ledger):
                 f"SQLite ledger {self.path}: {doing} failed: another thread of this process held the ledger for "
                 f"more than busy_timeout={self.busy_timeout:g}s; nothing was reserved or charged"
             )
+        return lock
+
+    def _run(self, doing: str, write: bool, step: Callable[..., _T], *args: Any) -> _T:
+        """``step(conn, *args)`` in one transaction on a pooled connection (``BEGIN IMMEDIATE`` when ``write``); on
+        any failure it is rolled back and the connection dropped. A read (``write=False``) is a single statement in
+        autocommit mode: SQLite reads one consistent snapshot for it, without a ``BEGIN``/``COMMIT`` round.
+
+        A plain function rather than a ``@contextmanager``: this is on every guarded call, and a generator-based
+        context manager costs more than the rest of the Python around the SQL."""
+        lock = self._enter(doing, write)
         try:
             conn = self._checkout()
             try:
@@ -551,14 +556,7 @@ class SQLiteLedger(Ledger):
         """One transaction on a pooled connection; on any failure it is rolled back and the connection dropped.
 
         For the rarer operations (reports, grants); the per-call ones use :meth:`_run`."""
-        if _forks != self._forks:
-            self._after_fork()
-        lock = self._write_lock if write else None
-        if lock is not None and not lock.acquire(timeout=self.busy_timeout if self.busy_timeout > 0 else -1):
-            raise LedgerError(
-                f"SQLite ledger {self.path}: {doing} failed: another thread of this process held the ledger for "
-                f"more than busy_timeout={self.busy_timeout:g}s; nothing was reserved or charged"
-            )
+        lock = self._enter(doing, write)
         try:
             conn = self._checkout()
             try:
