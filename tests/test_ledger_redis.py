@@ -968,3 +968,44 @@ def test_report_from_redis_equals_report_from_sqlite(
     assert outputs["redis"] == outputs["sqlite"]
     rows = json.loads(outputs["redis"][0])
     assert {r["team"] for r in rows} == {"search", "research"} and sum(r["denied"] for r in rows) == 1
+
+
+# -- a cancel while the answer is being committed ---------------------------------------------------------------------
+async def test_cancel_while_redis_commits_an_answer_still_charges_it(make: Callable[..., RedisLedger],
+                                                                   redis_url: str, srv: Any, otel: Any) -> None:
+    """With Redis the async commit is real I/O: a cancel landing in it must neither cut the commit (a hold left to its
+    lease, nothing charged for an answered call) nor the span; the commit finishes, then the caller is cancelled."""
+    import openai
+
+    from tokenbudget.testing import Fault, Reply
+
+    srv.reply = Reply(text="hello there", input_tokens=700, output_tokens=9)
+    srv.push(Fault(delay=0.3))
+    led = make(socket_timeout=5.0)
+    g = tokenbudget.install({"budget_usd": 5.0}, ledger=led)
+    client = openai.AsyncOpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0)
+    task = asyncio.create_task(client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=20))
+    for _ in range(200):  # until the request is at the server (reserved and sent)
+        if srv.requests:
+            break
+        await asyncio.sleep(0.02)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        admin.client_pause(1500, all=False)  # writes wait: the settle script that follows the answer blocks
+        await asyncio.sleep(0.8)  # the answer (0.3 s late) is read; the commit is waiting on Redis
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        admin.client_unpause()
+        admin.close()
+    (event,) = list(led.events())
+    price = g.prices.price("gpt-4o-mini", "openai")
+    assert (event.status, event.input_tokens, event.output_tokens) == ("ok", 700, 9)
+    assert event.cost_micros == g.prices.cost_micros(price, tokenbudget.calls.Usage(input_tokens=700, output_tokens=9))
+    assert led.active_reservations(now=time.time()) == []
+    (span,) = otel.spans()
+    assert span.attributes["tokenbudget.status"] == "ok"
+    tokenbudget.uninstall()
