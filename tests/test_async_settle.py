@@ -76,3 +76,38 @@ def test_sync_callers_still_settle_synchronously(srv: StandInServer, openai_clie
     openai_client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert ledger.async_settles == 0 and len(list(ledger.events())) == 1
     assert threading.current_thread() is threading.main_thread()
+
+
+async def test_a_first_encoding_load_waits_off_the_event_loop(monkeypatch: pytest.MonkeyPatch, srv: StandInServer,
+                                                            async_openai_client: Any,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The first estimate waits for tiktoken to load (¼ s from a cache, up to 15 s when fetched): an async caller
+    waits in a thread, so its event loop keeps running. Here the loader finishes only when the loop itself releases
+    it; a loop blocked in the wait would time out and send the call on the fallback estimate first."""
+    import asyncio
+
+    import tiktoken
+
+    from tokenbudget import estimate
+
+    release = threading.Event()
+
+    def slow(name: str) -> Any:
+        if not release.wait(10):
+            raise TimeoutError("never released")
+        return tiktoken.get_encoding(name)
+
+    monkeypatch.setattr(estimate, "_REGISTRY", estimate._EncodingRegistry(slow, wait_seconds=2))
+    ledger = MemoryLedger()
+    tokenbudget.install(ledger=ledger, budget_usd=1)
+    task = asyncio.create_task(
+        async_openai_client.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5)
+    )
+    await asyncio.sleep(0.2)  # the call is waiting for the encoding; this loop is not
+    assert srv.requests == [] and not task.done()
+    release.set()
+    await task
+    assert len(srv.requests) == 1
+    assert not any("cannot load tiktoken encoding" in r.getMessage() for r in caplog.records)
+    (event,) = ledger.events()
+    assert event.status == "ok"

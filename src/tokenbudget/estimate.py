@@ -83,6 +83,7 @@ No encoding available
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import json
 import logging
@@ -229,6 +230,15 @@ class _EncodingRegistry:
             return slot.encoder
         self._warn_once(name, slot)
         return None
+
+    def would_wait(self, name: str) -> bool:
+        """Whether :meth:`get` would block now: never loaded, or loading with its first wait not yet over."""
+        slot = self._slots.get(name)
+        if slot is None:
+            return True
+        if slot.encoder is not None or slot.done.is_set():
+            return False
+        return slot.deadline > time.monotonic()
 
     def preload(self, name: str) -> None:
         """Start loading ``name`` in the background unless it is loaded, loading, or failed less than the retry
@@ -824,6 +834,17 @@ class Estimator:
         """
         name = _model_encoding(_norm_model(model))
         return name if _REGISTRY.get(name) is not None else APPROX
+
+    async def await_encoding(self, model: str) -> None:
+        """Let an async caller wait for ``model``'s encoding off its event loop.
+
+        The first estimate waits for tiktoken to load the encoding (about a quarter of a second from a cache, up to
+        ``LOAD_WAIT_SECONDS`` when it must be fetched): in a thread here, so the event loop keeps serving other tasks,
+        and the estimate that follows finds it loaded (or failed, and estimates without it). Free once loaded.
+        """
+        name = _model_encoding(_norm_model(model))
+        if _REGISTRY.would_wait(name):
+            await asyncio.to_thread(_REGISTRY.get, name)
 
     def preload(self, models: Iterable[str] = ("gpt-4o", "claude-sonnet-4-6")) -> None:
         """Start loading the encodings ``models`` need, in the background; returns at once, does nothing more when

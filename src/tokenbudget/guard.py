@@ -267,6 +267,7 @@ class Guard:
                 return ticket
 
     async def abegin(self, request: CallRequest) -> Ticket:
+        await self.estimator.await_encoding(request.model)  # a first load must not stall the caller's event loop
         gen = self._negotiate(request)
         ask = next(gen)
         cancelled: BaseException | None = None
