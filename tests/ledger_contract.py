@@ -8,6 +8,7 @@ zero-argument factory; it may also build a stateful test with :func:`ledger_mach
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import threading
 import time
@@ -718,3 +719,24 @@ def contend(led: Ledger, allowance: Allowance, amount: int, threads: int, attemp
         w.join()
     led.close()
     out.put((totals, errors))
+
+
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def run_children(target: Callable[..., None], n: int, args: tuple[Any, ...]) -> list[Any]:
+    """Start ``n`` spawned processes running ``target(*args, barrier, out)``; their reports, once all exited 0."""
+    barrier = _SPAWN.Barrier(n)
+    out = _SPAWN.Queue()
+    procs = [_SPAWN.Process(target=target, args=(*args, barrier, out)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        results = [out.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():  # pragma: no cover - only on failure
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    return results

@@ -31,7 +31,7 @@ import redis
 from redis.crc import key_slot
 
 import tokenbudget
-from ledger_contract import T0, LedgerContract, contend, ledger_machine_test
+from ledger_contract import T0, LedgerContract, contend, ledger_machine_test, run_children
 from tokenbudget.clock import ManualClock
 from tokenbudget.config import Settings
 from tokenbudget.errors import LedgerError, LedgerUnavailable
@@ -535,27 +535,10 @@ def _contend(url: str, prefix: str, spool: str, limit: int, amount: int, threads
     contend(led, Allowance("team:fleet", "team:fleet", limit_micros=limit), amount, threads, attempts, barrier, out)
 
 
-def _run_children(target: Callable[..., None], n: int, args: tuple[Any, ...]) -> list[Any]:
-    barrier = SPAWN.Barrier(n)
-    out = SPAWN.Queue()
-    procs = [SPAWN.Process(target=target, args=(*args, barrier, out)) for _ in range(n)]
-    for p in procs:
-        p.start()
-    try:
-        results = [out.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():  # pragma: no cover - only on failure
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
-    return results
-
-
 def test_8_processes_x_32_threads_spend_exactly_the_budget(redis_url: str, prefix: str, tmp_path: Path) -> None:
     procs_n, threads_n, attempts, amount, k = 8, 32, 2, 1_234, 150
     limit = k * amount
-    results = _run_children(
+    results = run_children(
         _contend, procs_n, (redis_url, prefix, str(tmp_path / "spool.db"), limit, amount, threads_n, attempts)
     )
     assert [e for _, errs in results for e in errs] == []
@@ -648,7 +631,7 @@ def test_the_real_sdk_from_processes_and_threads_spends_exactly_the_budget(
     srv.reply = Reply(input_tokens=worst - MAX_TOKENS, output_tokens=MAX_TOKENS)
     srv.clear()
     procs_n, threads_n, attempts, k = 2, 4, 3, 10
-    results = _run_children(
+    results = run_children(
         _sdk_contend,
         procs_n,
         (redis_url, prefix, str(tmp_path / "spool.db"), srv.openai_base_url, k * worst, threads_n, attempts),

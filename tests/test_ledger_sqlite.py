@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import tokenbudget.ledger.sqlite as sqlite_mod
-from ledger_contract import T0, LedgerContract, contend, full_event, ledger_machine_test
+from ledger_contract import T0, LedgerContract, contend, full_event, ledger_machine_test, run_children
 from tokenbudget.errors import ConfigError, LedgerError
 from tokenbudget.events import CallEvent
 from tokenbudget.ledger import Allowance, Ledger, MemoryLedger, Refusal, Reservation, open_ledger
@@ -479,22 +479,7 @@ def test_processes_and_threads_never_overspend(path: Path) -> None:
     procs_n, threads_n, attempts, amount, k = 4, 16, 3, 1_234, 100
     limit = k * amount
     SQLiteLedger(path).close()  # create and migrate once, up front
-    barrier = SPAWN.Barrier(procs_n)
-    out = SPAWN.Queue()
-    procs = [
-        SPAWN.Process(target=_contend, args=(str(path), "team:2026", limit, amount, threads_n, attempts, barrier, out))
-        for _ in range(procs_n)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        results = [out.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():  # pragma: no cover - only on failure
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
+    results = run_children(_contend, procs_n, (str(path), "team:2026", limit, amount, threads_n, attempts))
     errors = [e for _, errs in results for e in errs]
     assert errors == []
     ok = sum(t[0] for t, _ in results)
