@@ -975,8 +975,8 @@ async def test_cancel_while_redis_commits_an_answer_still_charges_it(make: Calla
         await asyncio.sleep(0.02)
     admin = redis.Redis.from_url(redis_url)
     try:
-        admin.client_pause(1500, all=False)  # writes wait: the settle script that follows the answer blocks
-        await asyncio.sleep(0.8)  # the answer (0.3 s late) is read; the commit is waiting on Redis
+        admin.client_pause(3000, all=False)  # writes wait: the settle script that follows the answer blocks
+        await asyncio.sleep(1.5)  # the answer (0.3 s late) is read; the commit is waiting on Redis (CI slack)
         assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
