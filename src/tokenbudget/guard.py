@@ -12,9 +12,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .calls import CallRequest, Usage
 from .clock import Clock, SystemClock
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["Guard", "Ticket"]
 
 log = logging.getLogger("tokenbudget")
+_T = TypeVar("_T")
 
 EventListener = Callable[[CallEvent], None]
 BudgetListener = Callable[[CallEvent, tuple[Allowance, ...], Mapping[str, Balance]], None]
@@ -274,18 +275,8 @@ class Guard:
         while True:
             # A ledger working in a thread may finish the reservation after the caller was cancelled: take its
             # answer anyway, so no hold is orphaned, and give the hold back below (the request was never sent).
-            if self.ledger.async_in_place:  # it never suspends: no cancel can land between hold and answer
-                answer = await self._aanswer(ask)
-            else:
-                step = asyncio.ensure_future(self._aanswer(ask))
-                while True:
-                    try:
-                        answer = await asyncio.shield(step)
-                        break
-                    except asyncio.CancelledError as exc:
-                        if step.cancelled():
-                            raise
-                        cancelled = exc
+            answer, caught = await self._through_cancel(self._aanswer(ask))
+            cancelled = cancelled or caught
             try:
                 ask = gen.send(answer)
             except StopIteration as stop:
@@ -402,23 +393,27 @@ class Guard:
         self._finish(ticket, event, usage, cost, status, balances, duration, exc)
 
     async def _asettle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
-        if self.ledger.async_in_place:  # nothing below suspends, so no cancel can land in it
-            await self._asettle_now(ticket, usage, status, exc)
-            return
         # The answer is in hand, so the charge is owed: a cancel that lands while the ledger commits must not cut the
         # commit (or the span) short. Finish the settlement, then pass the cancel on to the caller.
-        work = asyncio.ensure_future(self._asettle_now(ticket, usage, status, exc))
+        _, cancelled = await self._through_cancel(self._asettle_now(ticket, usage, status, exc))
+        if cancelled is not None:
+            raise cancelled
+
+    async def _through_cancel(self, ledger_work: Coroutine[Any, Any, _T]) -> tuple[_T, asyncio.CancelledError | None]:
+        """Run ``ledger_work`` to its end even if the caller is cancelled meanwhile; return its result and the cancel
+        (if one came), for the caller to pass on once the ledger is consistent. A ledger whose async forms never
+        suspend needs no task: no cancel can land inside it."""
+        if self.ledger.async_in_place:
+            return await ledger_work, None
+        work = asyncio.ensure_future(ledger_work)
         cancelled: asyncio.CancelledError | None = None
-        while not work.done():
+        while True:
             try:
-                await asyncio.shield(work)
+                return await asyncio.shield(work), cancelled
             except asyncio.CancelledError as caught:
                 if work.cancelled():
                     raise
                 cancelled = caught
-        if cancelled is not None:
-            raise cancelled
-        work.result()
 
     async def _asettle_now(
         self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None
