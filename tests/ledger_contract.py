@@ -740,3 +740,26 @@ def run_children(target: Callable[..., None], n: int, args: tuple[Any, ...]) -> 
                 p.kill()
     assert all(p.exitcode == 0 for p in procs)
     return results
+
+
+def assert_account_exact(led: Ledger, a: Allowance, *, now: float) -> None:
+    """Spend equals the recorded events, to the micro-dollar, and no hold is left that is not an active one."""
+    bal = led.balance(a, now=now)
+    assert bal.spent_micros == sum(e.cost_micros for e in led.events() if a.key in e.budget_keys)
+    assert bal.reserved_micros == sum(r.micros for r in led.active_reservations(now=now) if a.key in r.keys)
+
+
+def assert_lease_frees_a_dead_holder(led: Ledger, a: Allowance, held: Reservation, limit: int) -> None:
+    """A killed process held the whole budget with a 30 s lease from T0: refused until the lease ends, free after."""
+    refusal = led.reserve([a], 1, 0, lease_seconds=30, now=T0 + 29.9)
+    assert isinstance(refusal, Refusal) and refusal.balance.reserved_micros == limit
+    assert [r.id for r in led.active_reservations(now=T0 + 29.9)] == [held.id]
+    assert led.balance(a, now=T0 + 30).reserved_micros == 0
+    mine = led.reserve([a], limit, 0, lease_seconds=30, now=T0 + 30)
+    assert isinstance(mine, Reservation)
+    event = CallEvent(id="e1", time=T0 + 30, provider="openai", model="gpt-4o-mini", cost_micros=limit,
+                      budget_keys=mine.keys)  # fmt: skip
+    assert led.settle(mine, limit, 0, event, now=T0 + 30)
+    bal = led.balance(a, now=T0 + 30)
+    assert (bal.spent_micros, bal.reserved_micros) == (limit, 0)
+    assert_account_exact(led, a, now=T0 + 30)

@@ -31,7 +31,15 @@ import redis
 from redis.crc import key_slot
 
 import tokenbudget
-from ledger_contract import T0, LedgerContract, contend, ledger_machine_test, run_children
+from ledger_contract import (
+    T0,
+    LedgerContract,
+    assert_account_exact,
+    assert_lease_frees_a_dead_holder,
+    contend,
+    ledger_machine_test,
+    run_children,
+)
 from tokenbudget.clock import ManualClock
 from tokenbudget.config import Settings
 from tokenbudget.errors import LedgerError, LedgerUnavailable
@@ -213,11 +221,6 @@ def _wait_for_empty_spool(led: RedisLedger, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def _assert_exact(led: Ledger, a: Allowance, *, now: float) -> None:
-    """Spend equals the recorded events, to the micro-dollar, and no hold is left that is not an active one."""
-    bal = led.balance(a, now=now)
-    assert bal.spent_micros == sum(e.cost_micros for e in led.events() if a.key in e.budget_keys)
-    assert bal.reserved_micros == sum(r.micros for r in led.active_reservations(now=now) if a.key in r.keys)
 
 
 # -- the contract -----------------------------------------------------------------------------------------------------
@@ -476,7 +479,7 @@ def test_coalesced_calls_of_many_threads_stay_all_or_none_and_settle_exactly_onc
         bal = led.balance(a, now=T0)
         assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens) == (900, 0, 10)
     assert sorted(e.id for e in led.events()) == sorted(f"e{i}" for i in range(10))
-    _assert_exact(led, day, now=T0)
+    assert_account_exact(led, day, now=T0)
     admin.close()
 
 
@@ -676,16 +679,7 @@ def test_a_sigkilled_holder_blocks_only_until_its_lease_ends(
     assert isinstance(held, Reservation) and held.expires_at == T0 + 30
 
     led = make()
-    refusal = led.reserve([a], 1, 0, lease_seconds=30, now=T0 + 29.9)
-    assert isinstance(refusal, Refusal) and refusal.balance.reserved_micros == limit
-    assert [r.id for r in led.active_reservations(now=T0 + 29.9)] == [held.id]
-    assert led.balance(a, now=T0 + 30).reserved_micros == 0
-    mine = led.reserve([a], limit, 0, lease_seconds=30, now=T0 + 30)
-    assert isinstance(mine, Reservation)
-    assert led.settle(mine, limit, 0, _event(1, limit, mine.keys, T0 + 30), now=T0 + 30)
-    bal = led.balance(a, now=T0 + 30)
-    assert (bal.spent_micros, bal.reserved_micros) == (limit, 0)
-    _assert_exact(led, a, now=T0 + 30)
+    assert_lease_frees_a_dead_holder(led, a, held, limit)
 
 
 # -- Redis dying mid-run ----------------------------------------------------------------------------------------------
@@ -737,7 +731,7 @@ def test_closed_refuses_while_redis_is_down_and_charges_nothing(
     bal = led.balance(a, now=T0)
     assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens) == (650, 0, 6)
     assert [e.id for e in led.events()] == ["e1", "e2"]  # no event for the refused calls
-    _assert_exact(led, a, now=T0)
+    assert_account_exact(led, a, now=T0)
     tokenbudget.uninstall()
 
 

@@ -20,7 +20,16 @@ from typing import Any
 import pytest
 
 import tokenbudget.ledger.sqlite as sqlite_mod
-from ledger_contract import T0, LedgerContract, contend, full_event, ledger_machine_test, run_children
+from ledger_contract import (
+    T0,
+    LedgerContract,
+    assert_account_exact,
+    assert_lease_frees_a_dead_holder,
+    contend,
+    full_event,
+    ledger_machine_test,
+    run_children,
+)
 from tokenbudget.errors import ConfigError, LedgerError
 from tokenbudget.events import CallEvent
 from tokenbudget.ledger import Allowance, Ledger, MemoryLedger, Refusal, Reservation, open_ledger
@@ -64,11 +73,6 @@ def _event(n: int, cost: int, keys: tuple[str, ...], now: float = T0) -> CallEve
     return CallEvent(id=f"e{n}", time=now, provider="openai", model="gpt-4o-mini", cost_micros=cost, budget_keys=keys)
 
 
-def _assert_exact(led: Ledger, a: Allowance, *, now: float) -> None:
-    """Spend equals the recorded events, to the micro-dollar, and no hold is left behind."""
-    bal = led.balance(a, now=now)
-    assert bal.spent_micros == sum(e.cost_micros for e in led.events() if a.key in e.budget_keys)
-    assert bal.reserved_micros == sum(r.micros for r in led.active_reservations(now=now) if a.key in r.keys)
 
 
 # -- persistence, URLs, defaults -----------------------------------------------------------------------------------
@@ -359,7 +363,7 @@ def test_locked_file_is_a_ledger_error_and_nothing_half_written(path: Path) -> N
     assert led.settle(r, 300, 3, _event(3, 300, r.keys), now=T0) is False
     bal = led.balance(a, now=T0)
     assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens, bal.reserved_tokens) == (300, 0, 3, 0)
-    _assert_exact(led, a, now=T0)
+    assert_account_exact(led, a, now=T0)
     assert [e.id for e in led.events()] == ["e1"]
     led.close()
 
@@ -385,7 +389,7 @@ def test_threads_wait_for_each_other_not_fail(ledger: SQLiteLedger) -> None:
         t.join()
     assert errors == []
     assert ledger.balance(a, now=T0).spent_micros == 8 * 50 * 10
-    _assert_exact(ledger, a, now=T0)
+    assert_account_exact(ledger, a, now=T0)
 
 
 def test_disk_full_mid_run_leaves_the_ledger_exact(ledger: SQLiteLedger) -> None:
@@ -412,7 +416,7 @@ def test_disk_full_mid_run_leaves_the_ledger_exact(ledger: SQLiteLedger) -> None
     # The failed connection was dropped; the next one has no cap, so outstanding work can finish exactly once.
     for r in pending:
         assert ledger.settle(r, 7, 1, _event(10**6, 7, r.keys), now=T0) is True
-    _assert_exact(ledger, a, now=T0)
+    assert_account_exact(ledger, a, now=T0)
     assert ledger.balance(a, now=T0).reserved_micros == 0
 
 
@@ -465,7 +469,7 @@ def test_read_only_file_is_a_ledger_error_and_the_ledger_stays_exact() -> None:
         assert led.settle(r, 450, 0, _event(1, 450, r.keys), now=T0) is True
         bal = led.balance(a, now=T0)
         assert (bal.spent_micros, bal.reserved_micros) == (450, 0)
-        _assert_exact(led, a, now=T0)
+        assert_account_exact(led, a, now=T0)
         led.close()
 
 
@@ -530,17 +534,7 @@ def test_a_killed_holder_blocks_only_until_its_lease_ends(path: Path) -> None:
     assert child.exitcode == -signal.SIGKILL
 
     led = SQLiteLedger(path, busy_timeout=1)
-    refusal = led.reserve([a], 1, 0, lease_seconds=30, now=T0 + 29.9)
-    assert isinstance(refusal, Refusal) and refusal.balance.reserved_micros == limit
-    assert [r.id for r in led.active_reservations(now=T0 + 29.9)] == [held.id]
-    # The lease ends: the dead process's hold is given back and the whole budget is free again.
-    assert led.balance(a, now=T0 + 30).reserved_micros == 0
-    mine = led.reserve([a], limit, 0, lease_seconds=30, now=T0 + 30)
-    assert isinstance(mine, Reservation)
-    assert led.settle(mine, limit, 0, _event(1, limit, mine.keys, T0 + 30), now=T0 + 30)
-    bal = led.balance(a, now=T0 + 30)
-    assert (bal.spent_micros, bal.reserved_micros) == (limit, 0)
-    _assert_exact(led, a, now=T0 + 30)
+    assert_lease_frees_a_dead_holder(led, a, held, limit)  # the lease ends: the dead process's hold is free
 
     # A process killed mid-transaction leaves nothing behind, and its lock dies with it.
     out2 = SPAWN.Queue()
@@ -578,7 +572,7 @@ def test_a_forked_child_does_not_reuse_the_parents_connections(ledger: SQLiteLed
     assert child.exitcode == 0
     assert ledger.settle(r, 5, 0, _event(8, 5, r.keys), now=T0)
     assert ledger.balance(a, now=T0).spent_micros == 10
-    _assert_exact(ledger, a, now=T0)
+    assert_account_exact(ledger, a, now=T0)
 
 
 def test_full_event_survives_other_processes(path: Path) -> None:
@@ -676,7 +670,7 @@ def test_without_returning_settle_reads_then_updates(path: Path, monkeypatch: py
     assert led.settle(late, 300, 3, _event(3, 300, late.keys), now=T0 + 20)  # expired: charged, nothing given back
     bal = led.balance(a, now=T0 + 20)
     assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens, bal.reserved_tokens) == (500, 0, 5, 0)
-    _assert_exact(led, a, now=T0 + 20)
+    assert_account_exact(led, a, now=T0 + 20)
     led.close()
 
 
