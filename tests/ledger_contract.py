@@ -211,6 +211,35 @@ class LedgerContract:
         assert list(ledger.events()) == [first]
         assert ledger.active_reservations(now=T0 + 5) == []
 
+    def test_settle_and_read_gives_the_balances_right_after_the_settle(self, ledger: Ledger) -> None:
+        # Each budget's figures must come out as a separate balance() read would give them: other calls' holds
+        # and spend, active grants, and this call's charge, for the allowances asked about and no others.
+        a = Allowance("a", "team:a", limit_micros=10_000, limit_tokens=1_000)
+        b = Allowance("b", "b", limit_micros=5_000)
+        other = Allowance("o", "o", limit_micros=9_000)
+        ledger.grant(Grant("g1", "team:a", 700, 70, created_at=T0, expires_at=T0 + 100))
+        ledger.grant(Grant("g-old", "team:a", 999, 99, created_at=T0 - 20, expires_at=T0 - 10))
+        before = ledger.reserve([a], 300, 30, lease_seconds=LEASE, now=T0)
+        assert isinstance(before, Reservation)
+        ledger.settle(before, 250, 25, None, now=T0)
+        held = ledger.reserve([a, b], 400, 40, lease_seconds=LEASE, now=T0)  # another call, still in flight
+        r = ledger.reserve([a, b, other], 600, 60, lease_seconds=LEASE, now=T0)
+        assert isinstance(held, Reservation) and isinstance(r, Reservation)
+        charged, balances = ledger.settle_and_read(r, 450, 45, _ev(1, T0 + 1, 450, r.keys), now=T0 + 1,
+                                                   allowances=[a, b])
+        assert charged is True
+        assert set(balances) == {"a", "b"}
+        for x in (a, b):
+            assert balances[x.key] == ledger.balance(x, now=T0 + 1)
+        got_a, got_b = balances["a"], balances["b"]
+        assert (got_a.spent_micros, got_a.reserved_micros, got_a.spent_tokens, got_a.reserved_tokens) == (
+            700, 400, 70, 40)
+        assert (got_a.limit_micros, got_a.limit_tokens, got_a.granted_micros) == (10_700, 1_070, 700)
+        assert (got_b.spent_micros, got_b.reserved_micros, got_b.remaining_micros) == (450, 400, 4_150)
+        again, balances = ledger.settle_and_read(r, 450, 45, None, now=T0 + 2, allowances=[a])
+        assert again is False and balances["a"].spent_micros == 700  # idempotent: no second charge
+        assert [e.id for e in ledger.events()] == ["e1"]
+
     def test_commit_is_settle(self, ledger: Ledger) -> None:
         a = Allowance("a", "a", limit_micros=1000)
         r = ledger.reserve([a], 600, 0, lease_seconds=LEASE, now=T0)
@@ -457,6 +486,16 @@ class LedgerContract:
         assert await ledger.asettle(r, 40, 1, None, now=T0) is True
         assert await ledger.asettle(r, 40, 1, None, now=T0) is False
         assert ledger.spent(a, now=T0) == 40
+
+    async def test_async_settle_and_read(self, ledger: Ledger) -> None:
+        a = Allowance("a", "a", limit_micros=100)
+        r = await ledger.areserve([a], 100, 1, lease_seconds=LEASE, now=T0)
+        assert isinstance(r, Reservation)
+        charged, balances = await ledger.asettle_and_read(r, 40, 1, None, now=T0, allowances=[a])
+        assert charged is True and balances == {"a": ledger.balance(a, now=T0)}
+        assert (balances["a"].spent_micros, balances["a"].reserved_micros) == (40, 0)
+        charged, balances = await ledger.asettle_and_read(r, 40, 1, None, now=T0, allowances=[a])
+        assert charged is False and balances["a"].spent_micros == 40
 
 
 # -- stateful ---------------------------------------------------------------------------------------------------------

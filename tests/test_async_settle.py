@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 import tokenbudget
 from tokenbudget.events import CallEvent
 from tokenbudget.ledger import MemoryLedger
-from tokenbudget.ledger.base import Reservation
+from tokenbudget.ledger.base import Allowance, Balance, Reservation
 from tokenbudget.testing import Reply, StandInServer
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -24,8 +25,7 @@ class LoopWatchingLedger(MemoryLedger):
         self.sync_on_loop = 0
         self.async_settles = 0
 
-    def settle(self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *,
-               now: float) -> bool:
+    def _note_sync(self) -> None:
         import asyncio
 
         try:
@@ -33,12 +33,26 @@ class LoopWatchingLedger(MemoryLedger):
             self.sync_on_loop += 1
         except RuntimeError:
             pass
+
+    def settle(self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *,
+               now: float) -> bool:
+        self._note_sync()
         return super().settle(reservation, micros, tokens, event, now=now)
+
+    def settle_and_read(self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *,
+                        now: float, allowances: Sequence[Allowance]) -> tuple[bool, dict[str, Balance]]:
+        self._note_sync()
+        return super().settle_and_read(reservation, micros, tokens, event, now=now, allowances=allowances)
 
     async def asettle(self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *,
                       now: float) -> bool:
         self.async_settles += 1
         return MemoryLedger.settle(self, reservation, micros, tokens, event, now=now)
+
+    async def asettle_and_read(self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *,
+                               now: float, allowances: Sequence[Allowance]) -> tuple[bool, dict[str, Balance]]:
+        self.async_settles += 1
+        return MemoryLedger.settle_and_read(self, reservation, micros, tokens, event, now=now, allowances=allowances)
 
 
 @pytest.mark.parametrize("stream", [False, True])

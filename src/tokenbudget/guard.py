@@ -383,9 +383,12 @@ class Guard:
         balances: dict[str, Balance] = {}
         try:
             if ticket.reservation is not None:
-                self.ledger.settle(ticket.reservation, cost, tokens, record, now=now)
                 if self._wants_balances(ticket):
-                    balances = {a.key: self.ledger.balance(a, now=now) for a in _limited(ticket)}
+                    _, balances = self.ledger.settle_and_read(
+                        ticket.reservation, cost, tokens, record, now=now, allowances=_limited(ticket)
+                    )
+                else:
+                    self.ledger.settle(ticket.reservation, cost, tokens, record, now=now)
             elif record is not None:
                 self.ledger.record(record)
         except Exception:
@@ -422,9 +425,12 @@ class Guard:
         balances: dict[str, Balance] = {}
         try:
             if ticket.reservation is not None:
-                await self.ledger.asettle(ticket.reservation, cost, tokens, record, now=now)
                 if self._wants_balances(ticket):
-                    balances = {a.key: await self.ledger.abalance(a, now=now) for a in _limited(ticket)}
+                    _, balances = await self.ledger.asettle_and_read(
+                        ticket.reservation, cost, tokens, record, now=now, allowances=_limited(ticket)
+                    )
+                else:
+                    await self.ledger.asettle(ticket.reservation, cost, tokens, record, now=now)
             elif record is not None:
                 self.ledger.record(record)
         except Exception:

@@ -136,6 +136,19 @@ class Ledger(abc.ABC):
         lease expired is still charged (the money was spent), but its hold is already gone.
         """
 
+    def settle_and_read(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
+        allowances: Sequence[Allowance],
+    ) -> tuple[bool, dict[str, Balance]]:
+        """:meth:`settle`, then the balances of ``allowances`` (by key) as they stand right after it.
+
+        The guard wants those balances after every call (the span's remaining budget, threshold alerts). A ledger
+        that can read them in the step that settles (same transaction, same script) overrides this to save one read
+        per budget; the default settles and then reads, so a ledger written against the older contract still works.
+        """
+        charged = self.settle(reservation, micros, tokens, event, now=now)
+        return charged, {a.key: self.balance(a, now=now) for a in allowances}
+
     def commit(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None = None, *, now: float
     ) -> bool:
@@ -190,6 +203,14 @@ class Ledger(abc.ABC):
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
         return await asyncio.to_thread(self.settle, reservation, micros, tokens, event, now=now)
+
+    async def asettle_and_read(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
+        allowances: Sequence[Allowance],
+    ) -> tuple[bool, dict[str, Balance]]:
+        return await asyncio.to_thread(
+            self.settle_and_read, reservation, micros, tokens, event, now=now, allowances=allowances
+        )
 
     def spent(self, allowance: Allowance, *, now: float) -> int:
         """Micro-dollars charged to ``allowance`` so far."""

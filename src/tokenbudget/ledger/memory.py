@@ -116,20 +116,32 @@ class MemoryLedger(Ledger):
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
         with self._lock:
-            if reservation.id in self._settled:
-                return False
-            self._settled.add(reservation.id)
-            if self._holds.pop(reservation.id, None) is not None:
-                self._drop_hold(reservation)
-            for key in reservation.keys:
-                acct = self._accounts.get(key)
-                if acct is None:  # pragma: no cover - reserve always creates the account
-                    continue
-                acct.spent_micros += micros
-                acct.spent_tokens += tokens
-            if event is not None:
-                self._record(event)
-            return True
+            return self._settle(reservation, micros, tokens, event)
+
+    def settle_and_read(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
+        allowances: Sequence[Allowance],
+    ) -> tuple[bool, dict[str, Balance]]:
+        with self._lock:
+            charged = self._settle(reservation, micros, tokens, event)
+            self._expire(now)
+            return charged, {a.key: self._balance(a, now) for a in allowances}
+
+    def _settle(self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None) -> bool:
+        if reservation.id in self._settled:
+            return False
+        self._settled.add(reservation.id)
+        if self._holds.pop(reservation.id, None) is not None:
+            self._drop_hold(reservation)
+        for key in reservation.keys:
+            acct = self._accounts.get(key)
+            if acct is None:  # pragma: no cover - reserve always creates the account
+                continue
+            acct.spent_micros += micros
+            acct.spent_tokens += tokens
+        if event is not None:
+            self._record(event)
+        return True
 
     def balance(self, allowance: Allowance, *, now: float) -> Balance:
         with self._lock:
@@ -182,3 +194,9 @@ class MemoryLedger(Ledger):
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
         return self.settle(reservation, micros, tokens, event, now=now)
+
+    async def asettle_and_read(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
+        allowances: Sequence[Allowance],
+    ) -> tuple[bool, dict[str, Balance]]:
+        return self.settle_and_read(reservation, micros, tokens, event, now=now, allowances=allowances)
