@@ -646,3 +646,35 @@ def test_cooldown_setting_is_honoured() -> None:
     for i in range(3):
         m.on_event(event(START + i, "eve", "x", 25_000_000))
     assert len(got) >= 2  # no cooldown: every reading above the trigger alerts
+
+
+# -- the spike window's running sum ------------------------------------------------------------------------------
+
+
+def _slow_window_sum(series: alerts_mod._Series, t: float, window: float) -> int:
+    slot = int(t // (window / alerts_mod.SLOTS_PER_WINDOW))
+    return sum(
+        m for s, m in zip(series._slot_ids, series._slot_micros, strict=True)
+        if slot - alerts_mod.SLOTS_PER_WINDOW < s <= slot
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_running_window_sum_matches_a_full_recount(seed: int) -> None:
+    """The spike check reads a running sum kept as slots fill and fall out; after every call it must equal a recount
+    of the slots, through bursts, gaps shorter and longer than the window, late events and a history merge."""
+    rng = random.Random(seed)
+    window = 300.0
+    series = alerts_mod._Series(capacity=48)
+    t = START
+    for n in range(3000):
+        t += rng.choice([0.0, 0.5, 3.0, 29.0, 31.0, 61.0, 299.0, 301.0, 900.0])
+        late = rng.random() < 0.05
+        used = series.add(t - 50.0 if late else t, rng.randrange(0, 5000), window, 10)
+        assert series.window_micros(used, window) == _slow_window_sum(series, used, window), n
+        if n == 1500:  # a history rebuilt from the ledger is merged in front of the live series
+            older = alerts_mod._Series(capacity=48)
+            for k in range(40):
+                older.add(t - 250.0 + k * 5.0, 700, window, 10)
+            series.merge_history(older)
+            assert series.window_micros(used, window) == _slow_window_sum(series, used, window)

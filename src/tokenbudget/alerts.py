@@ -169,12 +169,17 @@ class _Series:
     """One principal's recent spend: a sliding window of fine slots, and its last active windows as the baseline."""
 
     __slots__ = (
-        "_closed", "_open_micros", "_open_window", "_slot_ids", "_slot_micros", "_stats", "cap", "last", "quiet_until",
+        "_closed", "_last_slot", "_open_micros", "_open_window", "_slot_ids", "_slot_micros", "_stats", "_sum", "cap",
+        "last", "quiet_until",
     )
 
     def __init__(self, capacity: int) -> None:
         self._slot_ids = [-1] * SLOTS_PER_WINDOW
         self._slot_micros = [0] * SLOTS_PER_WINDOW
+        self._last_slot = -1
+        self._sum = 0
+        """The sum of the slots in the window that ends at ``_last_slot``, kept as slots fill and fall out, so the
+        spike check on every call costs a comparison instead of a pass over all the slots."""
         self._open_window = -1
         self._open_micros = 0
         self._closed: deque[int] = deque(maxlen=capacity)
@@ -203,14 +208,32 @@ class _Series:
             self._open_window, self._open_micros = win, 0
         self._open_micros += micros
         slot = int(t // (window / SLOTS_PER_WINDOW))
+        self._advance(slot)
         i = slot % SLOTS_PER_WINDOW
         if self._slot_ids[i] != slot:
             self._slot_ids[i], self._slot_micros[i] = slot, 0
         self._slot_micros[i] += micros
+        self._sum += micros
         return t
+
+    def _advance(self, slot: int) -> None:
+        """Move the window's end to ``slot`` (never back: ``add`` clamps time), dropping the slots that fell out."""
+        last = self._last_slot
+        if slot <= last:
+            return
+        if slot - last >= SLOTS_PER_WINDOW:
+            self._sum = 0
+        else:
+            ids, micros = self._slot_ids, self._slot_micros
+            for gone in range(last - SLOTS_PER_WINDOW + 1, slot - SLOTS_PER_WINDOW + 1):
+                if ids[gone % SLOTS_PER_WINDOW] == gone:
+                    self._sum -= micros[gone % SLOTS_PER_WINDOW]
+        self._last_slot = slot
 
     def window_micros(self, t: float, window: float) -> int:
         slot = int(t // (window / SLOTS_PER_WINDOW))
+        if slot == self._last_slot:
+            return self._sum
         oldest = slot - SLOTS_PER_WINDOW
         return sum(m for s, m in zip(self._slot_ids, self._slot_micros, strict=True) if oldest < s <= slot)
 
@@ -240,6 +263,9 @@ class _Series:
                 self._slot_micros[i] += micros
             elif slot > self._slot_ids[i]:
                 self._slot_ids[i], self._slot_micros[i] = slot, micros
+        self._last_slot = last = max(self._last_slot, *self._slot_ids)
+        oldest = last - SLOTS_PER_WINDOW
+        self._sum = sum(m for s, m in zip(self._slot_ids, self._slot_micros, strict=True) if s > oldest)
 
 
 def _median(sorted_values: Sequence[float]) -> float:
@@ -637,6 +663,7 @@ class AlertManager:
         self.settings = settings
         self.ledger = ledger
         self.thresholds = tuple(settings.thresholds)
+        self._lowest = min(self.thresholds, default=math.inf)
         self.spikes = SpikeDetector(settings)
         self.dispatcher = _Dispatcher(settings.webhook, logger_provider)
         self._lock = threading.Lock()
@@ -737,13 +764,12 @@ class AlertManager:
         for a in allowances:
             if not a.limit_micros and not a.limit_tokens:
                 continue
-            with self._lock:
-                entry = self._done.get(a.key)
-                if entry is not None and len(entry[1]) >= len(self.thresholds):
-                    continue
+            entry = self._done.get(a.key)  # a peek without the lock: decided again under it below
+            if entry is not None and len(entry[1]) >= len(self.thresholds):
+                continue
             balance = balances.get(a.key) or self.ledger.balance(a, now=event.time)
             fraction = _spent_fraction(balance)
-            if fraction is None:
+            if fraction is None or fraction < self._lowest:  # the common case: nothing to cross yet
                 continue
             with self._lock:
                 entry = self._done.get(a.key)
