@@ -32,7 +32,7 @@ from ledger_contract import (
 )
 from tokenbudget.errors import ConfigError, LedgerError
 from tokenbudget.events import CallEvent
-from tokenbudget.ledger import Allowance, Ledger, MemoryLedger, Refusal, Reservation, open_ledger
+from tokenbudget.ledger import Allowance, Grant, Ledger, MemoryLedger, Refusal, Reservation, open_ledger
 from tokenbudget.ledger.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteLedger, default_ledger_path
 
 POSIX = os.name == "posix"
@@ -628,6 +628,76 @@ def test_a_call_costs_few_statements_and_balance_is_one_read(ledger: SQLiteLedge
     assert len(seen) == 4, seen
 
 
+def test_settle_and_read_reads_in_the_settles_own_statements(ledger: SQLiteLedger) -> None:
+    """The balances come back from the account update itself: no read of their own, no second transaction."""
+    a = Allowance("k", "s", limit_micros=1000, limit_tokens=100)
+    w = Allowance("w", "ws", limit_micros=1, enforce=False)
+    ledger.grant(Grant("g", "s", 50, 5, created_at=T0, expires_at=None))
+    seen = _traced(ledger)
+    first = ledger.reserve([a, w], 100, 10, lease_seconds=60, now=T0)
+    second = ledger.reserve([a, w], 100, 10, lease_seconds=60, now=T0)
+    assert isinstance(first, Reservation) and isinstance(second, Reservation)
+    seen.clear()
+    assert ledger.settle(first, 40, 4, _event(1, 40, first.keys), now=T0)
+    ledger.balance(a, now=T0)
+    apart = list(seen)
+    seen.clear()
+    charged, balances = ledger.settle_and_read(second, 30, 3, _event(2, 30, second.keys), now=T0, allowances=[a])
+    assert charged is True
+    assert len(seen) == len(apart) - 1 == 5 and seen.count("BEGIN IMMEDIATE") == 1, (seen, apart)
+    assert not any(sql.startswith("SELECT") for sql in seen), seen
+    assert balances == {"k": ledger.balance(a, now=T0)}
+    assert (balances["k"].spent_micros, balances["k"].reserved_micros, balances["k"].limit_micros) == (70, 0, 1050)
+
+
+def test_settle_and_read_reads_apart_when_the_returned_rows_are_not_enough(ledger: SQLiteLedger) -> None:
+    """A hold past its lease (balance() leaves it out), a budget the call did not hold, or a repeat: the balances
+    come from the full read, inside the settle's own transaction, and still equal balance()'s."""
+    a = Allowance("k", "s", limit_micros=1000)
+    b = Allowance("k2", "s2", limit_micros=1000)
+    stale = ledger.reserve([a], 300, 3, lease_seconds=5, now=T0)  # never settled, past its lease at T0 + 10
+    r = ledger.reserve([a], 100, 1, lease_seconds=60, now=T0)
+    assert isinstance(stale, Reservation) and isinstance(r, Reservation)
+    seen = _traced(ledger)
+    charged, balances = ledger.settle_and_read(r, 50, 1, None, now=T0 + 10, allowances=[a])
+    assert charged is True and seen.count("BEGIN IMMEDIATE") == 1 and seen[-1] == "COMMIT", seen
+    assert balances == {"k": ledger.balance(a, now=T0 + 10)}
+    assert (balances["k"].spent_micros, balances["k"].reserved_micros) == (50, 0)  # the stale hold is left out
+    assert ledger.active_reservations(now=T0) == [stale]  # read around, not swept: as balance() does
+    r2 = ledger.reserve([a], 100, 1, lease_seconds=60, now=T0 + 10)  # sweeps the stale hold
+    assert isinstance(r2, Reservation)
+    charged, balances = ledger.settle_and_read(r2, 20, 1, None, now=T0 + 10, allowances=[a, b])  # b: not held
+    assert charged is True and balances == {x.key: ledger.balance(x, now=T0 + 10) for x in (a, b)}
+    charged, balances = ledger.settle_and_read(r2, 20, 1, None, now=T0 + 10, allowances=[a])
+    assert charged is False and balances["k"].spent_micros == 70
+    # The same key asked about under another scope: its grants are that scope's, as balance() sums them.
+    renamed = Allowance("k", "s-renamed", limit_micros=1000)
+    ledger.grant(Grant("g", "s-renamed", 5, 0, created_at=T0, expires_at=None))
+    r3 = ledger.reserve([a], 10, 0, lease_seconds=60, now=T0 + 10)
+    assert isinstance(r3, Reservation)
+    charged, balances = ledger.settle_and_read(r3, 10, 0, None, now=T0 + 10, allowances=[renamed])
+    assert balances == {"k": ledger.balance(renamed, now=T0 + 10)} and balances["k"].limit_micros == 1005
+
+
+async def test_async_settle_and_read_uses_the_one_transaction_off_the_loop(ledger: SQLiteLedger) -> None:
+    a = Allowance("k", "s", limit_micros=1000)
+    r = ledger.reserve([a], 100, 1, lease_seconds=60, now=T0)
+    assert isinstance(r, Reservation)
+    seen = _traced(ledger)
+    threads: set[int] = set()
+    real = ledger._settle_and_read
+
+    def spy(*args: Any) -> Any:
+        threads.add(threading.get_ident())
+        return real(*args)
+
+    ledger._settle_and_read = spy  # type: ignore[method-assign]
+    charged, balances = await ledger.asettle_and_read(r, 40, 1, None, now=T0, allowances=[a])
+    assert charged is True and balances["k"].spent_micros == 40
+    assert threads and threading.get_ident() not in threads  # ran on a worker thread, not the event loop's
+    assert seen.count("BEGIN IMMEDIATE") == 1 and not any(sql.startswith("SELECT") for sql in seen), seen
+
+
 def test_reserve_sweeps_expired_holds_it_read_in_the_same_statement(ledger: SQLiteLedger) -> None:
     a = Allowance("k", "s", limit_micros=1000)
     b = Allowance("k2", "s2", limit_micros=1000)
@@ -671,6 +741,13 @@ def test_without_returning_settle_reads_then_updates(path: Path, monkeypatch: py
     bal = led.balance(a, now=T0 + 20)
     assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens, bal.reserved_tokens) == (500, 0, 5, 0)
     assert_account_exact(led, a, now=T0 + 20)
+    held = led.reserve([a], 100, 1, lease_seconds=10, now=T0 + 20)
+    assert isinstance(held, Reservation)
+    seen.clear()
+    charged, balances = led.settle_and_read(held, 50, 1, None, now=T0 + 20, allowances=[a])
+    assert charged is True and balances == {"k": led.balance(a, now=T0 + 20)}
+    assert seen.count("BEGIN IMMEDIATE") == 1 and not any("RETURNING" in sql for sql in seen), seen
+    assert (balances["k"].spent_micros, balances["k"].reserved_micros) == (550, 0)
     led.close()
 
 

@@ -249,12 +249,48 @@ def _hold_sql(n: int) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _move_sql(n: int) -> str:
-    return (
+def _move_sql(n: int, returning: bool = False) -> str:
+    """Move amounts on ``n`` accounts; ``returning``: and give back each one's figures after the move, with its scope's
+    active grants summed (parameters: the amounts, the keys, then ``now`` four times), so a settle that must report
+    balances reads them in the statement that changes them instead of in one more."""
+    sql = (
         "UPDATE accounts SET reserved_micros = reserved_micros + ?, reserved_tokens = reserved_tokens + ?, "
         "spent_micros = spent_micros + ?, spent_tokens = spent_tokens + ? "
         f"WHERE key IN ({', '.join('?' * n)})"
     )
+    if returning:
+        active = (
+            "FROM grants WHERE scope = accounts.scope AND created_at <= ? AND (expires_at IS NULL OR expires_at > ?)"
+        )
+        sql += (
+            " RETURNING key, scope, spent_micros, reserved_micros, spent_tokens, reserved_tokens, "
+            f"(SELECT SUM(micros) {active}), (SELECT SUM(tokens) {active})"
+        )
+    return sql
+
+
+_SETTLE_HELD = (
+    "UPDATE reservations SET state = 'settled', settled_at = ?, spent_micros = ?, spent_tokens = ? "
+    "WHERE id = ? AND state = 'held' RETURNING keys, micros, tokens"
+)
+# The same, and whether any hold is past its lease (maybe this one): a balance leaves those out, so reading balances
+# from the account rows alone is only exact when there are none. The partial index makes that one probe.
+_SETTLE_HELD_PROBING = _SETTLE_HELD + ", EXISTS (SELECT 1 FROM reservations WHERE state = 'held' AND expires_at <= ?)"
+
+
+def _balances_from_rows(rows: Sequence[Any], allowances: Sequence[Allowance]) -> dict[str, Balance] | None:
+    """Balances of ``allowances`` from account rows returned by :func:`_move_sql` (``returning``); ``None`` when a row
+    is missing or names another scope, where only :meth:`SQLiteLedger._read` says what ``balance()`` would."""
+    by_key = {row[0]: row for row in rows}
+    out: dict[str, Balance] = {}
+    for a in allowances:
+        row = by_key.get(a.key)
+        if row is None or row[1] != a.scope:
+            return None
+        gm, gt = row[6] or 0, row[7] or 0
+        lm, lt = effective_limits(a, gm, gt)
+        out[a.key] = Balance(a.key, a.scope, lm, lt, row[2], row[3], row[4], row[5], gm, gt)
+    return out
 
 
 def _event_from_row(row: Sequence[Any]) -> CallEvent:
@@ -579,18 +615,30 @@ class SQLiteLedger(Ledger):
     # dominates these operations, so each does as few statements as it can: a reserve is BEGIN, one read (balances,
     # grants and expired holds together), one upsert of every hold, one insert, COMMIT; a settle is BEGIN, one
     # UPDATE ... RETURNING of its reservation, one update of its accounts, the event insert, COMMIT; a balance is one
-    # SELECT. The SQL text of each shape is built once (and so is prepared once per connection by the statement cache).
+    # SELECT; a settle that must report balances (the guard's, after every call) gets them back from its accounts
+    # update, RETURNING the rows with their grants summed, so they cost no statement of their own. The SQL text of
+    # each shape is built once (and so is prepared once per connection by the statement cache).
 
     @staticmethod
-    def _move(conn: sqlite3.Connection, keys: Sequence[str], amounts: tuple[int, int, int, int]) -> None:
-        """Add ``(reserved_micros, reserved_tokens, spent_micros, spent_tokens)`` to each key, once per mention."""
+    def _move(
+        conn: sqlite3.Connection, keys: Sequence[str], amounts: tuple[int, int, int, int], read_at: float | None = None
+    ) -> list[Any] | None:
+        """Add ``(reserved_micros, reserved_tokens, spent_micros, spent_tokens)`` to each key, once per mention.
+
+        With ``read_at``, and every key mentioned once, also return the accounts' rows after the move with the grants
+        active at ``read_at`` (see :func:`_move_sql`); otherwise ``None``."""
         if len(set(keys)) == len(keys):  # the usual case: every key once
-            conn.execute(_move_sql(len(keys)), (*amounts, *keys))
-            return
+            if read_at is None:
+                conn.execute(_move_sql(len(keys)), (*amounts, *keys))
+                return None
+            return conn.execute(
+                _move_sql(len(keys), True), (*amounts, *keys, read_at, read_at, read_at, read_at)
+            ).fetchall()
         counts = Counter(keys)
         for n in sorted(set(counts.values())):
             group = [k for k, c in counts.items() if c == n]
             conn.execute(_move_sql(len(group)), (*(n * x for x in amounts), *group))
+        return None
 
     def _sweep(self, conn: sqlite3.Connection, expired: Sequence[Any]) -> None:
         """Give back the holds of ``(id, keys, micros, tokens)`` rows whose lease ended, and mark them expired."""
@@ -669,14 +717,53 @@ class SQLiteLedger(Ledger):
         event: CallEvent | None,
         now: float,
     ) -> bool:
+        return self._charge(conn, reservation, micros, tokens, event, now, False)[0]
+
+    def _settle_and_read(
+        self,
+        conn: sqlite3.Connection,
+        reservation: Reservation,
+        micros: int,
+        tokens: int,
+        event: CallEvent | None,
+        now: float,
+        allowances: Sequence[Allowance],
+    ) -> tuple[bool, dict[str, Balance]]:
+        charged, rows = self._charge(conn, reservation, micros, tokens, event, now, bool(allowances))
+        if not allowances:
+            return charged, {}
+        if rows is not None:
+            balances = _balances_from_rows(rows, allowances)
+            if balances is not None:
+                return charged, balances
+        # A repeat, a late or foreign settle, a hold past its lease somewhere, a budget this call did not hold, or an
+        # SQLite without RETURNING: the full read, still in this transaction (it sees the settle, and sweeps nothing,
+        # exactly like balance()).
+        read, _expired = self._read(conn, allowances, now)
+        return charged, {b.key: b for b in read}
+
+    def _charge(
+        self,
+        conn: sqlite3.Connection,
+        reservation: Reservation,
+        micros: int,
+        tokens: int,
+        event: CallEvent | None,
+        now: float,
+        read: bool,
+    ) -> tuple[bool, list[Any] | None]:
+        """The settle; with ``read``, also the charged accounts' rows as :func:`_move_sql` returns them when those
+        alone give exact balances (the usual case), else ``None``."""
+        rows: list[Any] | None = None
         # The usual case in one statement: a held reservation becomes settled, handing back what it held.
         if _RETURNING:
-            row = conn.execute(
-                "UPDATE reservations SET state = 'settled', settled_at = ?, spent_micros = ?, spent_tokens = ? "
-                "WHERE id = ? AND state = 'held' RETURNING keys, micros, tokens",
-                (now, micros, tokens, reservation.id),
-            ).fetchone()
+            if read:
+                row = conn.execute(_SETTLE_HELD_PROBING, (now, micros, tokens, reservation.id, now)).fetchone()
+                read = row is not None and not row[3]
+            else:
+                row = conn.execute(_SETTLE_HELD, (now, micros, tokens, reservation.id)).fetchone()
         else:
+            read = False
             row = conn.execute(
                 "SELECT keys, micros, tokens FROM reservations WHERE id = ? AND state = 'held'", (reservation.id,)
             ).fetchone()
@@ -703,7 +790,7 @@ class SQLiteLedger(Ledger):
                      reservation.expires_at, now, now, micros, tokens),
                 )  # fmt: skip
             elif known[0] == "settled":
-                return False
+                return False, None
             else:  # expired: its hold was already given back
                 keys = _load_keys(known[1])
                 conn.execute(
@@ -712,10 +799,10 @@ class SQLiteLedger(Ledger):
                     (now, micros, tokens, reservation.id),
                 )
         if keys:
-            self._move(conn, keys, (-held_m, -held_t, micros, tokens))
+            rows = self._move(conn, keys, (-held_m, -held_t, micros, tokens), now if read else None)
         if event is not None:
             conn.execute(_INSERT_EVENT, _event_params(event))
-        return True
+        return True, rows
 
     @staticmethod
     def _balance(conn: sqlite3.Connection, allowance: Allowance, now: float) -> Balance:
@@ -731,6 +818,20 @@ class SQLiteLedger(Ledger):
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
         return self._run("settle", True, self._settle, reservation, micros, tokens, event, now)
+
+    def settle_and_read(
+        self,
+        reservation: Reservation,
+        micros: int,
+        tokens: int,
+        event: CallEvent | None,
+        *,
+        now: float,
+        allowances: Sequence[Allowance],
+    ) -> tuple[bool, dict[str, Balance]]:
+        """One transaction: the account update that charges the call returns the balances (grants summed in the same
+        statement), so the guard's post-call read costs no statement, lock or connection round of its own."""
+        return self._run("settle", True, self._settle_and_read, reservation, micros, tokens, event, now, allowances)
 
     def balance(self, allowance: Allowance, *, now: float) -> Balance:
         # Read-only: holds past their lease are subtracted here rather than swept, so reports never take the write lock.
