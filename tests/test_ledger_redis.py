@@ -397,6 +397,105 @@ def test_a_retried_reserve_holds_once(make: Callable[..., RedisLedger], redis_ur
     assert led.active_reservations(now=T0) == [res]
 
 
+class _ScriptCounter:
+    """Scripts a server ran (``EVALSHA`` calls in ``INFO commandstats``) since :meth:`reset`. Every ledger step is a
+    script, so a second round trip shows as a second one (a command a script runs inside itself is counted under its
+    own name, and a script that had to be loaded first as a failed call)."""
+
+    def __init__(self, port: int) -> None:
+        self.admin = redis.Redis(port=port)
+        self.reset()
+
+    def reset(self) -> None:
+        self.admin.config_resetstat()
+
+    def since(self) -> tuple[int, int]:
+        """(scripts run, scripts refused): the latter counts NOSCRIPT replies and errors."""
+        row = self.admin.info("commandstats").get("cmdstat_evalsha", {})
+        return int(row.get("calls", 0)), int(row.get("failed_calls", 0)) + int(row.get("rejected_calls", 0))
+
+    def close(self) -> None:
+        self.admin.close()
+
+
+def _settle_and_read_scene(led: RedisLedger) -> tuple[Reservation, list[Allowance]]:
+    """Three budgets with everything a balance has: spend, another call's live hold, an ended (unswept) hold, a
+    grant. Returns a reservation on all three, ready to settle."""
+    a = Allowance("a", "team:a", limit_micros=10_000, limit_tokens=1_000)
+    b = Allowance("b", "b", limit_micros=5_000)
+    c = Allowance("c", "c", limit_tokens=900)
+    led.grant(Grant("g", "team:a", 700, 70, created_at=T0 - 1, expires_at=T0 + 100))
+    ended = led.reserve([a, c], 100, 10, lease_seconds=1, now=T0)  # its lease ends before the read below
+    live = led.reserve([a, b], 400, 40, lease_seconds=600, now=T0)
+    r = led.reserve([a, b, c], 600, 60, lease_seconds=600, now=T0)
+    assert all(isinstance(x, Reservation) for x in (ended, live, r)) and isinstance(r, Reservation)
+    warm = led.reserve([Allowance("w", "w")], 1, 0, lease_seconds=600, now=T0)
+    assert isinstance(warm, Reservation) and led.settle(warm, 1, 0, None, now=T0)  # the settle script is loaded
+    return r, [a, b, c]
+
+
+def test_settle_and_read_is_one_round_trip(own: Callable[..., RedisServer], tmp_path: Path) -> None:
+    """The settle script itself returns the balances: one EVALSHA and nothing else, however many budgets, with the
+    very figures separate balance() reads give (the default implementation would run one more script per budget)."""
+    server = own()
+    led = RedisLedger(server.url, spool_path=tmp_path / "s.db")
+    r, allowances = _settle_and_read_scene(led)
+    counter = _ScriptCounter(server.port)
+    charged, balances = led.settle_and_read(r, 450, 45, _event(1, 450, r.keys), now=T0 + 2, allowances=allowances)
+    assert counter.since() == (1, 0)
+    assert charged is True
+    assert balances == {x.key: led.balance(x, now=T0 + 2) for x in allowances}
+    assert balances["a"].reserved_micros == 400  # the ended hold is subtracted, like balance() does (not swept)
+    assert (balances["a"].spent_micros, balances["a"].granted_micros, balances["c"].spent_tokens) == (450, 700, 45)
+
+    counter.reset()
+    again, balances = led.settle_and_read(r, 450, 45, None, now=T0 + 2, allowances=allowances[:1])
+    assert counter.since() == (1, 0)
+    assert again is False and balances == {"a": led.balance(allowances[0], now=T0 + 2)}
+    counter.close()
+    led.close()
+
+
+async def test_async_settle_and_read_is_one_round_trip(own: Callable[..., RedisServer], tmp_path: Path) -> None:
+    server = own()
+    led = RedisLedger(server.url, spool_path=tmp_path / "s.db")
+    r, allowances = _settle_and_read_scene(led)
+    warm = await led.areserve(allowances, 1, 0, lease_seconds=600, now=T0)  # connected, and the scripts loaded
+    assert isinstance(warm, Reservation) and await led.asettle(warm, 0, 0, None, now=T0)
+    counter = _ScriptCounter(server.port)
+    charged, balances = await led.asettle_and_read(r, 450, 45, _event(1, 450, r.keys), now=T0 + 2,
+                                                   allowances=allowances)  # fmt: skip
+    assert counter.since() == (1, 0)
+    assert charged is True and balances == {x.key: led.balance(x, now=T0 + 2) for x in allowances}
+    counter.close()
+    await led.aclose()
+
+
+async def test_settle_and_read_while_redis_is_down_spools_the_charge_and_reads_nothing(
+    own: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    """Redis cannot answer the balances, so none are made up (an empty mapping: unknown); the charge is spooled as a
+    settle's would be, reported as done, and lands once Redis is back."""
+    server = own(persist=True)
+    led = RedisLedger(server.url, spool_path=tmp_path / "s.db", on_error="closed")
+    a = Allowance("a", "a", limit_micros=10_000)
+    r1 = led.reserve([a], 300, 3, lease_seconds=600, now=T0)
+    r2 = led.reserve([a], 300, 3, lease_seconds=600, now=T0)
+    assert isinstance(r1, Reservation) and isinstance(r2, Reservation)
+    server.stop()
+    assert led.settle_and_read(r1, 200, 2, _event(1, 200, r1.keys), now=T0, allowances=[a]) == (True, {})
+    assert await led.asettle_and_read(r2, 100, 1, _event(2, 100, r2.keys), now=T0, allowances=[a]) == (True, {})
+    assert led.spooled() == 2
+    server.start()
+    led.replay_spool()
+    _wait_for_empty_spool(led)
+    bal = led.balance(a, now=T0)
+    assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens) == (300, 0, 3)
+    assert sorted(e.id for e in led.events()) == ["e1", "e2"]
+    assert led.settle_and_read(r1, 200, 2, None, now=T0, allowances=[a]) == (False, {"a": bal})
+    await led.aclose()
+
+
 def test_throughput_smoke(make: Callable[..., RedisLedger]) -> None:
     """Not a benchmark: catches a regression to several round trips per step (or a reconnect per call)."""
     led = make()

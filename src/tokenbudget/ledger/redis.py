@@ -170,40 +170,86 @@ return {1}
 _SETTLE = (
     _PRELUDE
     + """
--- KEYS: 1 holds hash, 2 lease zset, 3 settled marker, 4 events stream, 4+i account of the reservation's key i
+-- KEYS: 1 holds hash, 2 lease zset, 3 settled marker, 4 events stream, 4+i account of the reservation's key i,
+--       then per balance to read (j = 1..m) at c = 4+n+2(j-1): c+1 its account, c+2 the grants zset of its scope
 -- ARGV: 1 account key prefix, 2 reservation id, 3 micros, 4 tokens, 5 marker TTL (s), 6 event JSON ('' = none),
 --       7 events maxlen, 8 n, then per key at b = 8+2(i-1): b+1 scope, b+2 EXPIREAT ('' = unknown / never);
---       a known scope lets a charge recreate an account Redis lost (restart without persistence, expiry)
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local rid = ARGV[2]
-local packed = redis.call('HGET', KEYS[1], rid)
-if packed then
-  drop_hold(packed, ARGV[1])
-  redis.call('HDEL', KEYS[1], rid)
-  redis.call('ZREM', KEYS[2], rid)
-end
-if ARGV[3] ~= '0' or ARGV[4] ~= '0' then
-  local n = tonumber(ARGV[8])
-  for i = 1, n do
-    local k = KEYS[4 + i]
-    local b = 8 + 2 * (i - 1)
-    local live = redis.call('EXISTS', k) == 1
-    if not live and ARGV[b + 1] ~= '' then
-      redis.call('HSET', k, 'scope', ARGV[b + 1])
-      if ARGV[b + 2] ~= '' then redis.call('EXPIREAT', k, ARGV[b + 2]) end
-      live = true
-    end
-    if live then
-      redis.call('HINCRBY', k, 'sm', ARGV[3])
-      redis.call('HINCRBY', k, 'st', ARGV[4])
+--       a known scope lets a charge recreate an account Redis lost (restart without persistence, expiry);
+--       then at r = 8+2n: r+1 now, r+2 m (absent = 0), r+2+j allowance key of balance j
+-- Returns 1 (charged) or 0 (already settled); with m > 0, {that, then per balance sm, rm, st, rt, gm, gt}: the
+-- balance script's figures, read in the same step (settle_and_read).
+local function settle()
+  if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+  local rid = ARGV[2]
+  local packed = redis.call('HGET', KEYS[1], rid)
+  if packed then
+    drop_hold(packed, ARGV[1])
+    redis.call('HDEL', KEYS[1], rid)
+    redis.call('ZREM', KEYS[2], rid)
+  end
+  if ARGV[3] ~= '0' or ARGV[4] ~= '0' then
+    local n = tonumber(ARGV[8])
+    for i = 1, n do
+      local k = KEYS[4 + i]
+      local b = 8 + 2 * (i - 1)
+      local live = redis.call('EXISTS', k) == 1
+      if not live and ARGV[b + 1] ~= '' then
+        redis.call('HSET', k, 'scope', ARGV[b + 1])
+        if ARGV[b + 2] ~= '' then redis.call('EXPIREAT', k, ARGV[b + 2]) end
+        live = true
+      end
+      if live then
+        redis.call('HINCRBY', k, 'sm', ARGV[3])
+        redis.call('HINCRBY', k, 'st', ARGV[4])
+      end
     end
   end
+  redis.call('SET', KEYS[3], '1', 'EX', ARGV[5])
+  if ARGV[6] ~= '' then
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[6])
+  end
+  return 1
 end
-redis.call('SET', KEYS[3], '1', 'EX', ARGV[5])
-if ARGV[6] ~= '' then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[6])
+local charged = settle()
+local n = tonumber(ARGV[8])
+local r = 8 + 2 * n
+local m = tonumber(ARGV[r + 2] or '0')
+if m == 0 then return charged end
+local now_s = ARGV[r + 1]
+local now = tonumber(now_s)
+local out = {charged}
+local ended = nil  -- holds past their lease, decoded once for every balance that has holds at all
+for j = 1, m do
+  local c = 4 + n + 2 * (j - 1)
+  local key = ARGV[r + 2 + j]
+  local a = redis.call('HMGET', KEYS[c + 1], 'sm', 'rm', 'st', 'rt')
+  local rm, rt = tonumber(a[2]) or 0, tonumber(a[4]) or 0
+  if a[2] then
+    if ended == nil then
+      ended = {}
+      for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_s)) do
+        local p = redis.call('HGET', KEYS[1], old)
+        if p then ended[#ended + 1] = cjson.decode(p) end
+      end
+    end
+    for _, h in ipairs(ended) do
+      for x = 4, #h do
+        if h[x] == key then
+          rm = rm - tonumber(h[1])
+          rt = rt - tonumber(h[2])
+        end
+      end
+    end
+  end
+  local gm, gt = granted(KEYS[c + 2], now_s, now)
+  out[#out + 1] = a[1] or '0'
+  out[#out + 1] = rm
+  out[#out + 1] = a[3] or '0'
+  out[#out + 1] = rt
+  out[#out + 1] = gm
+  out[#out + 1] = gt
 end
-return 1
+return out
 """
 )
 
@@ -991,7 +1037,7 @@ class RedisLedger(Ledger):
 
     def _settle_call(
         self, rid: str, keys: Sequence[str], meta: Sequence[Sequence[str]], micros: int, tokens: int,
-        expires_at: float, event: str | None, now: float,
+        expires_at: float, event: str | None, now: float, reads: Sequence[Allowance] = (),
     ) -> tuple[list[str], list[Any]]:  # fmt: skip
         ttl = math.ceil(max(float(expires_at) - float(now), 0.0) + self.settled_ttl)
         redis_keys = [self._holds, self._lease, self._done + rid, self._events, *(self._acct + k for k in keys)]
@@ -999,7 +1045,17 @@ class RedisLedger(Ledger):
                            str(self.events_maxlen), str(len(keys))]  # fmt: skip
         for scope, exp in meta:
             args += [scope, exp]
+        if reads:
+            args += [_num(now), str(len(reads))]
+            for a in reads:
+                redis_keys += [self._acct + a.key, self._scope_grants + a.scope]
+                args.append(a.key)
         return redis_keys, args
+
+    def _read_results(self, out: Any, reads: Sequence[Allowance]) -> tuple[bool, dict[str, Balance]]:
+        """The reply of a settle script asked for ``reads``: whether it charged, and their balances by key."""
+        return int(out[0]) == 1, {a.key: self._balance_result(out[1 + 6 * j : 7 + 6 * j], a)
+                                  for j, a in enumerate(reads)}  # fmt: skip
 
     def _balance_call(self, allowance: Allowance, now: float) -> tuple[list[str], list[Any]]:
         keys = [self._holds, self._lease, self._acct + allowance.key, self._scope_grants + allowance.scope]
@@ -1124,6 +1180,37 @@ class RedisLedger(Ledger):
             done = int(out) == 1
         self._forget(reservation.id)
         return done
+
+    def settle_and_read(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
+        allowances: Sequence[Allowance],
+    ) -> tuple[bool, dict[str, Balance]]:
+        """:meth:`settle` whose script also reads the balances of ``allowances`` after charging: one round trip
+        instead of one per budget, with exactly the figures :meth:`balance` would give (ended holds subtracted, not
+        swept; active grants added), since no other command can run between the charge and the reads.
+
+        When Redis cannot take the settle, it goes to the spool as with :meth:`settle` and the balances come back
+        empty rather than read: Redis cannot answer them (a read would fail, or under ``on_error = "open"`` report
+        nothing spent), and an empty mapping tells the guard's readers the figures are unknown, so they can ask
+        :meth:`balance` themselves later. Raising instead would make the guard treat a charge kept safely in the
+        spool as a failed settle.
+        """
+        if not allowances:
+            return self.settle(reservation, micros, tokens, event, now=now), {}
+        meta = self._meta_of(reservation)
+        payload = None if event is None else _event_json(event)
+        keys, args = self._settle_call(reservation.id, reservation.keys, meta, micros, tokens, reservation.expires_at,
+                                       payload, now, allowances)  # fmt: skip
+        command = self._settle_lua.call(keys, args)
+        try:
+            out = self._run("settle", lambda: self._batcher().call(self._settle_lua, command))
+        except LedgerUnavailable:
+            done = self._spool_settle(reservation, meta, micros, tokens, payload)
+            balances: dict[str, Balance] = {}
+        else:
+            done, balances = self._read_results(out, allowances)
+        self._forget(reservation.id)
+        return done, balances
 
     def balance(self, allowance: Allowance, *, now: float) -> Balance:
         keys, args = self._balance_call(allowance, now)
@@ -1271,6 +1358,28 @@ class RedisLedger(Ledger):
             done = int(out) == 1
         self._forget(reservation.id)
         return done
+
+    async def asettle_and_read(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
+        allowances: Sequence[Allowance],
+    ) -> tuple[bool, dict[str, Balance]]:
+        """:meth:`settle_and_read` without blocking the event loop; the same one round trip and spool fallback."""
+        if not allowances:
+            return await self.asettle(reservation, micros, tokens, event, now=now), {}
+        runner = self._runner()
+        meta = self._meta_of(reservation)
+        payload = None if event is None else _event_json(event)
+        keys, args = self._settle_call(reservation.id, reservation.keys, meta, micros, tokens, reservation.expires_at,
+                                       payload, now, allowances)  # fmt: skip
+        try:
+            out = await self._arun("settle", lambda: runner.call(lambda: runner.settle(keys, args)))
+        except LedgerUnavailable:
+            done = await asyncio.to_thread(self._spool_settle, reservation, meta, micros, tokens, payload)
+            balances: dict[str, Balance] = {}
+        else:
+            done, balances = self._read_results(out, allowances)
+        self._forget(reservation.id)
+        return done, balances
 
     async def abalance(self, allowance: Allowance, *, now: float) -> Balance:
         """:meth:`balance` without blocking the event loop (the ABC has no async balance yet)."""
