@@ -25,7 +25,7 @@ from ..streams import BodyMeter, StreamMeter, attach, meter_of
 if TYPE_CHECKING:
     from ..guard import Guard, Ticket
 
-__all__ = ["Adapter", "classify_exception", "make_async_request_wrapper", "make_request_wrapper"]
+__all__ = ["Adapter", "classify_exception", "field_of", "make_async_request_wrapper", "make_request_wrapper"]
 
 
 class Adapter(Protocol):
@@ -126,6 +126,26 @@ def _http_response_of(result: Any) -> Any:
 
 _NO_EXTRA: dict[str, Any] = {}
 _PYDANTIC_GETATTR = getattr(BaseModel, "__getattr__", None)
+
+
+def field_of(obj: Any, name: str) -> Any:
+    """``obj.name`` or ``obj[name]``, ``None`` when absent, for SDK response models and their JSON dicts alike.
+
+    The SDKs' models are pydantic models, where a missing attribute goes through ``__getattr__``, which builds and
+    raises an ``AttributeError`` (~2 µs, more in place); usage parsing probes several fields one vendor or endpoint
+    does not have on every call, so a model's fields and extras are looked up in its dicts instead.
+    """
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    if isinstance(obj, BaseModel) and getattr(type(obj), "__getattr__", None) is _PYDANTIC_GETATTR:
+        value = obj.__dict__.get(name, _NO_EXTRA)
+        if value is not _NO_EXTRA:
+            return value
+        extra = obj.__pydantic_extra__
+        return extra.get(name) if extra else None
+    return getattr(obj, name, None)
 
 
 def _after(

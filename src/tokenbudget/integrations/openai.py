@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..calls import CallRequest, Usage
 from ..streams import StreamMeter
-from .base import decision_changes, server_of
+from .base import decision_changes, field_of, server_of
 
 if TYPE_CHECKING:
     from ..guard import Ticket
@@ -24,12 +24,7 @@ _OPERATIONS = {
 _MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
-def _get(obj: Any, name: str) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, dict):
-        return obj.get(name)
-    return getattr(obj, name, None)
+_get = field_of
 
 
 def _int(value: Any) -> int:
