@@ -105,7 +105,8 @@ class _Plain:
     [
         ({"a": 1}, "a", 1), ({"a": 1}, "b", None), (None, "a", None),
         (_Extra(known=5), "known", 5), (_Extra(), "known", None), (_Extra(), "absent", None),
-        (_Extra.model_validate({"surprise": 9}), "surprise", 9), (_OwnGetattr(), "computed", 7), (_OwnGetattr(), "absent", None),
+        (_Extra.model_validate({"surprise": 9}), "surprise", 9),
+        (_OwnGetattr(), "computed", 7), (_OwnGetattr(), "absent", None),
         (_Plain(), "attr", 3), (_Plain(), "prop", 4), (_Plain(), "absent", None),
     ],
 )  # fmt: skip
