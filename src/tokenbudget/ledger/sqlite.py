@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from ..errors import LedgerError
 from ..events import CallEvent
-from .base import Allowance, Balance, Grant, Ledger, Refusal, Reservation, effective_limits, fits
+from .base import Allowance, Balance, Grant, Ledger, Refusal, Reservation, effective_limits
 
 _T = TypeVar("_T")
 
@@ -291,6 +291,17 @@ def _balances_from_rows(rows: Sequence[Any], allowances: Sequence[Allowance]) ->
         lm, lt = effective_limits(a, gm, gt)
         out[a.key] = Balance(a.key, a.scope, lm, lt, row[2], row[3], row[4], row[5], gm, gt)
     return out
+
+
+_NO_ACCOUNT = (0, 0, 0, 0)
+_NO_GRANT = (0, 0)
+
+
+def _balance_of(allowance: Allowance, accounts: dict[str, list[int]], granted: dict[str, tuple[int, int]]) -> Balance:
+    spent_m, held_m, spent_t, held_t = accounts.get(allowance.key) or _NO_ACCOUNT
+    gm, gt = granted.get(allowance.scope, _NO_GRANT)
+    lm, lt = effective_limits(allowance, gm, gt)
+    return Balance(allowance.key, allowance.scope, lm, lt, spent_m, held_m, spent_t, held_t, gm, gt)
 
 
 def _event_from_row(row: Sequence[Any]) -> CallEvent:
@@ -651,8 +662,22 @@ class SQLiteLedger(Ledger):
         """Balances of ``allowances`` and the holds past their lease, in one statement.
 
         The balances already leave out the expired holds (as they will be once swept)."""
-        keys = list(dict.fromkeys(a.key for a in allowances))
-        scopes = list(dict.fromkeys(a.scope for a in allowances))
+        accounts, granted, expired = SQLiteLedger._read_rows(conn, allowances, now)
+        return [_balance_of(a, accounts, granted) for a in allowances], expired
+
+    @staticmethod
+    def _read_rows(
+        conn: sqlite3.Connection, allowances: Sequence[Allowance], now: float
+    ) -> tuple[dict[str, list[int]], dict[str, tuple[int, int]], list[Any]]:
+        """What :meth:`_read` reads, before it becomes :class:`Balance` objects: accounts by key (``[spent_micros,
+        reserved_micros, spent_tokens, reserved_tokens]``, expired holds already left out), active grants by scope,
+        and the expired holds. A reserve checks the fit on these and builds a Balance only for a refusal."""
+        if len(allowances) == 1:  # the usual case, without the de-duplication
+            keys: Sequence[str] = (allowances[0].key,)
+            scopes: Sequence[str] = (allowances[0].scope,)
+        else:
+            keys = list(dict.fromkeys(a.key for a in allowances))
+            scopes = list(dict.fromkeys(a.scope for a in allowances))
         rows = conn.execute(_read_sql(len(keys), len(scopes)), (*keys, *scopes, now, now, now)).fetchall()
         accounts: dict[str, list[int]] = {}
         granted: dict[str, tuple[int, int]] = {}
@@ -670,13 +695,7 @@ class SQLiteLedger(Ledger):
                 if acct is not None:
                     acct[1] -= micros
                     acct[3] -= tokens
-        out = []
-        for a in allowances:
-            spent_m, held_m, spent_t, held_t = accounts.get(a.key) or (0, 0, 0, 0)
-            gm, gt = granted.get(a.scope, (0, 0))
-            lm, lt = effective_limits(a, gm, gt)
-            out.append(Balance(a.key, a.scope, lm, lt, spent_m, held_m, spent_t, held_t, gm, gt))
-        return out, expired
+        return accounts, granted, expired
 
     def _reserve(
         self,
@@ -688,12 +707,17 @@ class SQLiteLedger(Ledger):
         now: float,
     ) -> Reservation | Refusal:
         enforced = [a for a in allowances if a.enforce]
-        balances, expired = self._read(conn, enforced, now)
+        accounts, granted, expired = self._read_rows(conn, enforced, now)
         if expired:
             self._sweep(conn, expired)
-        for a, bal in zip(enforced, balances, strict=True):
-            if not fits(bal, micros, tokens):
-                return Refusal(a, bal, micros, tokens)
+        for a in enforced:
+            # fits() on the raw figures: a Balance (a frozen dataclass, slow to build) only for the refusal.
+            spent_m, held_m, spent_t, held_t = accounts.get(a.key) or _NO_ACCOUNT
+            gm, gt = granted.get(a.scope, _NO_GRANT)
+            if (a.limit_micros is not None and spent_m + held_m + micros > a.limit_micros + gm) or (
+                a.limit_tokens is not None and spent_t + held_t + tokens > a.limit_tokens + gt
+            ):
+                return Refusal(a, _balance_of(a, accounts, granted), micros, tokens)
         keys = tuple(a.key for a in allowances)
         res = Reservation(_new_id(), keys, micros, tokens, now + lease_seconds)
         if allowances:
