@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-_ATTRS_START = {
+_ATTRS_START: dict[str, Any] = {
     "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o-mini",
     "gen_ai.request.stream": False, "gen_ai.request.max_tokens": 256, "server.address": "127.0.0.1",
     "server.port": 8080,
 }  # fmt: skip
-_ATTRS_END = {
+_ATTRS_END: dict[str, Any] = {
     "tokenbudget.cost_usd": 0.000123, "tokenbudget.estimated_cost_usd": 0.000456, "tokenbudget.decision": "allow",
     "tokenbudget.status": "ok", "tokenbudget.user": "bench", "tokenbudget.budget.remaining_usd": 999.5,
     "gen_ai.usage.input_tokens": 110, "gen_ai.usage.output_tokens": 12,
