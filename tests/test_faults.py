@@ -859,3 +859,61 @@ def test_nothing_breaks_without_an_otel_sdk() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['denied', 'error', 'ok', 'ok', 'ok', 'ok'] []", done.stdout
     assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+
+
+_EXIT_SCRIPT = r"""
+import sqlite3, sys, threading, time
+import openai, tokenbudget
+from tokenbudget.ledger import SQLiteLedger
+from tokenbudget.testing import Fault, Reply, StandInServer
+
+path, mode = sys.argv[1], sys.argv[2]
+srv = StandInServer().start()
+srv.reply = Reply(text="ok", input_tokens=100, output_tokens=20)
+tokenbudget.install({"budget_usd": 5.0}, ledger=SQLiteLedger(path, busy_timeout=0.2))
+client = openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0)
+srv.push(Fault(delay=0.4))
+locked, release = threading.Event(), threading.Event()
+
+def hold_the_lock_while_the_vendor_thinks():
+    while not srv.requests:
+        time.sleep(0.005)
+    blocker = sqlite3.connect(path, isolation_level=None, timeout=5)
+    blocker.execute("BEGIN EXCLUSIVE")
+    locked.set()
+    release.wait(10)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+
+holder = threading.Thread(target=hold_the_lock_while_the_vendor_thinks, daemon=mode != "released")
+holder.start()
+client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+assert locked.is_set()
+if mode == "released":
+    release.set()
+    holder.join()
+    print("exiting with the lock free", flush=True)
+else:
+    print("exiting with the lock still held", flush=True)  # by a daemon thread, still holding it at exit
+"""
+
+
+@pytest.mark.parametrize("mode", ["released", "still-locked"])
+def test_a_charge_the_ledger_refused_is_settled_at_exit(tmp_path: Path, mode: str) -> None:
+    """A script that gets its answer while another process holds the SQLite lock, then exits without
+    ``uninstall()``: the exit hook settles the deferred charge (or, if the lock is still held, says it could not)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ledger.db"
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(path), mode], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "could not settle a call" in proc.stderr  # the charge was deferred while the lock was held
+    events = list(SQLiteLedger(path).events())
+    if mode == "released":
+        assert [(e.status, e.input_tokens, e.output_tokens) for e in events] == [("ok", 100, 20)]
+        assert "exits with" not in proc.stderr
+    else:
+        assert events == []
+        assert "tokenbudget exits with 1 settled call(s) the ledger" in proc.stderr

@@ -6,6 +6,7 @@ Patches are applied with ``wrapt`` when an SDK module is imported (or at once, i
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import os
@@ -212,6 +213,25 @@ def install(
             _hooked.add(sdk)
             wrapt.register_post_import_hook(_on_import, sdk)  # runs now if the SDK is already imported
         return new
+
+
+@atexit.register
+def _settle_at_exit() -> None:
+    """A script that exits without ``uninstall()`` must not lose a charge its ledger refused a moment earlier (the
+    answer came while another process held the SQLite lock, or Redis was away): one last try, then a warning."""
+    guard = _guard
+    if guard is None:
+        return
+    try:
+        owed = guard.settle_deferred()
+    except Exception:  # never turn a clean exit into a traceback
+        logging.getLogger("tokenbudget").exception("tokenbudget could not settle its deferred calls at exit")
+        return
+    if owed:
+        logging.getLogger("tokenbudget").warning(
+            "tokenbudget exits with %d settled call(s) the ledger %s would not take; their holds lapse with the "
+            "lease, and their cost is not charged", owed, guard.ledger.url,
+        )
 
 
 def uninstall() -> None:

@@ -552,6 +552,16 @@ class Guard:
                             self.ledger.url, exc)
                 return
 
+    def settle_deferred(self) -> int:
+        """Retry the settlements the ledger refused earlier (locked, full, down); returns how many are still owed.
+
+        The guard retries them before its next reservation and in :meth:`close`; this is for the moments in
+        between that matter, such as interpreter exit.
+        """
+        if self._deferred:
+            self._settle_deferred()
+        return len(self._deferred)
+
     def close(self) -> None:
         if self._deferred:
             self._settle_deferred()
