@@ -759,3 +759,131 @@ def test_event_tags_and_keys_round_trip_through_the_memoized_encoding(ledger: SQ
     got = list(ledger.events())
     assert [e.tags for e in got] == [{}, {"a": "1", "b": "2"}, {}, {}]
     assert all(e.budget_keys == keys for e in got)
+
+
+# -- pruning finished reservations -----------------------------------------------------------------------------------
+def _rows(path: Path) -> dict[str, str]:
+    """Every reservation row's state, by id, read straight from the file."""
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT id, state FROM reservations").fetchall())
+    finally:
+        conn.close()
+
+
+def _pairs(led: Ledger, a: Allowance, n: int, now: float, *, lease: float = 10, cost: int = 7) -> list[Reservation]:
+    done = []
+    for _ in range(n):
+        r = led.reserve([a], 10, 1, lease_seconds=lease, now=now)
+        assert isinstance(r, Reservation)
+        assert led.settle(r, cost, 1, _event(len(done), cost, r.keys, now), now=now) is True
+        done.append(r)
+    return done
+
+
+def test_settled_ttl_must_be_positive(path: Path) -> None:
+    with pytest.raises(ValueError, match="settled_ttl"):
+        SQLiteLedger(path, settled_ttl=0)
+
+
+def test_finished_reservations_past_the_ttl_are_pruned_and_recent_ones_kept(path: Path) -> None:
+    """After enough settles, rows whose lease and settle are both more than ``settled_ttl`` old are gone (settled
+    ones, and one expired and never settled); a row settled late, within the ttl, stays and still refuses a repeat."""
+    led = SQLiteLedger(path, settled_ttl=100)
+    a = Allowance("k", "s", limit_micros=10**9)
+    old = _pairs(led, a, 10, T0)
+    lost = led.reserve([a], 10, 1, lease_seconds=10, now=T0)  # its holder died: expired by the next reserve
+    late = led.reserve([a], 10, 1, lease_seconds=10, now=T0)
+    assert isinstance(lost, Reservation) and isinstance(late, Reservation)
+    assert led.settle(late, 7, 1, None, now=T0 + 50) is True  # after its lease: settled at T0 + 50
+    fresh = _pairs(led, a, sqlite_mod._PRUNE_EVERY - 11, T0 + 120)  # the last one prunes, at cutoff T0 + 20
+    rows = _rows(path)
+    assert not {r.id for r in [*old, lost]} & rows.keys()
+    assert rows[late.id] == "settled" and all(rows[r.id] == "settled" for r in fresh)
+    spent = led.balance(a, now=T0 + 120).spent_micros
+    assert led.settle(late, 7, 1, None, now=T0 + 120) is False  # within the ttl a repeat charges nothing
+    assert led.balance(a, now=T0 + 120).spent_micros == spent == 7 * (10 + 1 + len(fresh))
+    led.close()
+
+
+def test_a_held_reservation_is_never_pruned_however_old(path: Path) -> None:
+    """A hold past its lease that no reserve has swept yet is still ``held``: deleting its row would keep its amount
+    reserved in the accounts forever. Pruning leaves it, and the next reserve gives it back."""
+    led = SQLiteLedger(path, settled_ttl=1)
+    a = Allowance("k", "s", limit_micros=10**9)
+    old = _pairs(led, a, 5, T0)
+    stale = led.reserve([a], 500, 5, lease_seconds=5, now=T0)
+    forever = led.reserve([a], 300, 3, lease_seconds=10**6, now=T0)
+    open_ = [led.reserve([a], 10, 1, lease_seconds=10**6, now=T0) for _ in range(sqlite_mod._PRUNE_EVERY)]
+    for r in open_:  # settles only, no reserve: nothing sweeps ``stale`` before the prune runs
+        assert isinstance(r, Reservation)
+        led.settle(r, 7, 1, None, now=T0 + 1000)
+    rows = _rows(path)
+    assert not {r.id for r in old} & rows.keys()  # the prune did run
+    assert isinstance(stale, Reservation) and isinstance(forever, Reservation)
+    assert rows[stale.id] == "held" and rows[forever.id] == "held"
+    assert led.balance(a, now=T0 + 4).reserved_micros == 800
+    assert isinstance(led.reserve([a], 1, 0, lease_seconds=1, now=T0 + 1000), Reservation)  # sweeps ``stale``
+    assert led.accounts()[0].reserved_micros == 300 + 1
+    led.close()
+
+
+def test_pruning_changes_no_balance_and_no_event(tmp_path: Path) -> None:
+    """The same calls on a ledger that prunes and on one that cannot (ttl far beyond the test) end identical."""
+    pruning = SQLiteLedger(tmp_path / "pruning.db", settled_ttl=5)
+    keeping = SQLiteLedger(tmp_path / "keeping.db", settled_ttl=10**9)
+    a = Allowance("k", "s", limit_micros=10**9, limit_tokens=10**6)
+    b = Allowance("w", "ws", limit_micros=10**9, enforce=False)
+    for led in (pruning, keeping):
+        for i in range(3 * sqlite_mod._PRUNE_EVERY):
+            now = T0 + i
+            r = led.reserve([a, b], 10, 2, lease_seconds=3, now=now)
+            assert isinstance(r, Reservation)
+            if i % 7:  # every 7th holder dies: its hold expires
+                led.settle_and_read(r, i % 11, 1, _event(i, i % 11, r.keys, now), now=now, allowances=[a, b])
+    assert len(_rows(tmp_path / "pruning.db")) < len(_rows(tmp_path / "keeping.db"))
+    now = T0 + 3 * sqlite_mod._PRUNE_EVERY
+    assert pruning.accounts() == keeping.accounts()
+    assert [pruning.balance(x, now=now) for x in (a, b)] == [keeping.balance(x, now=now) for x in (a, b)]
+    assert list(pruning.events()) == list(keeping.events())
+    pruning.close()
+    keeping.close()
+
+
+def test_the_table_stays_bounded_over_many_calls(path: Path) -> None:
+    """5,000 calls a second apart with a 10 s ttl: the table holds about one prune interval of rows, not 5,000;
+    settles of reservations made elsewhere (random ids, anywhere in the key order) are pruned too."""
+    led = SQLiteLedger(path, settled_ttl=10)
+    a = Allowance("k", "s", limit_micros=10**12)
+    most = 0
+    for i in range(5000):
+        now = T0 + i
+        if i % 10 == 9:  # after the account exists: a foreign settle charges only existing accounts
+            foreign = Reservation(os.urandom(16).hex(), (a.key,), 10, 1, now + 5)
+            assert led.settle(foreign, 7, 1, None, now=now) is True
+        else:
+            _pairs(led, a, 1, now, lease=5)
+        if i % 100 == 99:
+            most = max(most, len(_rows(path)))
+    assert most < 2 * sqlite_mod._PRUNE_EVERY, most
+    assert led.balance(a, now=T0 + 5000).spent_micros == 7 * 5000
+    assert len(list(led.events())) == 4500
+    led.close()
+
+
+def test_pruning_reads_a_bounded_range_of_the_primary_key(ledger: SQLiteLedger, path: Path) -> None:
+    """No statement of a prune scans the table: each seeks a range of the primary key."""
+    a = Allowance("k", "s", limit_micros=10**9)
+    _pairs(ledger, a, sqlite_mod._PRUNE_EVERY - 1, T0)
+    seen = _traced(ledger)
+    _pairs(ledger, a, 1, T0 + 10**6)
+    prune = [sql for sql in seen if "FROM reservations WHERE id >" in sql]
+    assert len(prune) == 2, seen
+    conn = sqlite3.connect(path)
+    try:
+        for sql in prune:
+            plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+            assert "USING PRIMARY KEY (id>?" in plan and "SCAN" not in plan, (sql, plan)
+    finally:
+        conn.close()
+    assert len(_rows(path)) == 1  # and it did prune

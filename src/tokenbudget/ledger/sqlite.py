@@ -14,6 +14,9 @@ Why SQLite and how it stays exact:
   charges exactly once, even when it arrives after its lease expired and the hold was given back.
 * A process that dies holding a reservation leaks nothing forever: the hold counts until ``expires_at``, and the
   next reserve after that sweeps it.
+* The ``reservations`` table does not grow forever: a finished row (``settled`` or ``expired``) is only there to
+  recognise a repeat settle, so once both its lease and its settle are ``settled_ttl`` in the past (the expiry of
+  the Redis ledger's settled marker) it is deleted. See :class:`SQLiteLedger` for the trade-off.
 """
 
 from __future__ import annotations
@@ -147,6 +150,12 @@ _MAX_IDLE = 8
 _MIN_SQLITE = (3, 24, 0)
 _RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)  # UPDATE ... RETURNING; older builds read the row first
 _PAGE_SIZE = 1024
+# Pruning finished reservations: every _PRUNE_EVERY settles (per ledger object), the next _PRUNE_SCAN rows of the
+# primary key after a cursor are examined and the finished, old ones deleted. Examining more rows than settles add
+# keeps the table within about 4/3 of a retention's worth of rows; one prune costs about a millisecond.
+_PRUNE_EVERY = 256
+_PRUNE_SCAN = 1024
+_PRUNE_WHERE = "AND state != 'held' AND expires_at < ? AND (settled_at IS NULL OR settled_at < ?)"
 
 # Connections inherited across fork() must never be used or closed by the child (SQLite forbids both); they are
 # parked here so garbage collection cannot close them either.
@@ -340,11 +349,27 @@ def _primary_code(exc: sqlite3.Error) -> int | None:
 
 
 class SQLiteLedger(Ledger):
-    """The default ledger: one file per user, exact across every process on the machine."""
+    """The default ledger: one file per user, exact across every process on the machine.
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+    ``settled_ttl`` (seconds, default one day, the Redis ledger's default for its settled markers) is how long a
+    finished reservation is remembered after both its lease and its settle: a settle repeated within it charges
+    nothing. Past it the row is pruned, and a settle of that id is indistinguishable from one of a reservation made
+    elsewhere (another store, a local reservation while Redis was down), which is charged: so the retention must
+    exceed any window in which a settle can be repeated. The only repeats the guard makes are its retries of
+    settles the ledger refused, on its next reservation or at close, in the same process; a day is far beyond
+    that. Pruning runs inside a settle's transaction every few hundred settles and examines a bounded slice of the
+    table, so no settle pays for more than about a millisecond of it and none scans the table. It judges age by
+    the ``now`` the settles pass, like every other time rule here, so a clock far in the future prunes early.
+    Events are never pruned.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, settled_ttl: float = 86_400.0
+    ) -> None:
         if busy_timeout < 0:
             raise ValueError("busy_timeout must be >= 0 seconds")
+        if not settled_ttl > 0:
+            raise ValueError("settled_ttl must be > 0 seconds")
         if sqlite3.sqlite_version_info < _MIN_SQLITE:
             raise LedgerError(
                 f"the SQLite ledger needs SQLite >= {'.'.join(map(str, _MIN_SQLITE))} (UPSERT); this Python has "
@@ -353,6 +378,9 @@ class SQLiteLedger(Ledger):
         self.path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
         self.url = "sqlite:///" + str(self.path)
         self.busy_timeout = float(busy_timeout)
+        self.settled_ttl = float(settled_ttl)
+        self._settles = 0  # since the last prune; guarded by the write lock
+        self._prune_from = ""  # the prune's cursor: the last id it examined ("" = from the start)
         self._pid = os.getpid()
         self._forks = _forks
         self._write_lock = threading.Lock()
@@ -741,7 +769,11 @@ class SQLiteLedger(Ledger):
         event: CallEvent | None,
         now: float,
     ) -> bool:
-        return self._charge(conn, reservation, micros, tokens, event, now, False)[0]
+        charged = self._charge(conn, reservation, micros, tokens, event, now, False)[0]
+        self._settles += 1
+        if self._settles >= _PRUNE_EVERY:
+            self._prune(conn, now)
+        return charged
 
     def _settle_and_read(
         self,
@@ -754,6 +786,9 @@ class SQLiteLedger(Ledger):
         allowances: Sequence[Allowance],
     ) -> tuple[bool, dict[str, Balance]]:
         charged, rows = self._charge(conn, reservation, micros, tokens, event, now, bool(allowances))
+        self._settles += 1
+        if self._settles >= _PRUNE_EVERY:
+            self._prune(conn, now)  # after the charge: its own row is never old, and the balances are unaffected
         if not allowances:
             return charged, {}
         if rows is not None:
@@ -827,6 +862,28 @@ class SQLiteLedger(Ledger):
         if event is not None:
             conn.execute(_INSERT_EVENT, _event_params(event))
         return True, rows
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        """Delete the finished reservations older than ``settled_ttl`` among the next :data:`_PRUNE_SCAN` rows of the
+        primary key after the cursor, then move the cursor past them (back to the start after the last row).
+
+        A slice of the primary key rather than an index on age: no index to update on every settle, no schema
+        change for older versions sharing the file, and a bounded range whatever the ids look like (ours sort by
+        time, foreign ones anywhere). A held row is never deleted, whatever its age."""
+        self._settles = 0
+        cutoff = now - self.settled_ttl
+        start = self._prune_from
+        last = conn.execute(
+            "SELECT id FROM reservations WHERE id > ? ORDER BY id LIMIT 1 OFFSET ?", (start, _PRUNE_SCAN - 1)
+        ).fetchone()
+        if last is None:  # fewer rows than a slice are left: take them all, and start over next time
+            conn.execute(f"DELETE FROM reservations WHERE id > ? {_PRUNE_WHERE}", (start, cutoff, cutoff))
+            self._prune_from = ""
+        else:
+            conn.execute(
+                f"DELETE FROM reservations WHERE id > ? AND id <= ? {_PRUNE_WHERE}", (start, last[0], cutoff, cutoff)
+            )
+            self._prune_from = last[0]
 
     @staticmethod
     def _balance(conn: sqlite3.Connection, allowance: Allowance, now: float) -> Balance:
