@@ -514,8 +514,9 @@ def test_throughput_smoke(make: Callable[..., RedisLedger]) -> None:
 def _one_batch(led: RedisLedger, admin: redis.Redis, jobs: list[Callable[[], Any]],
                meanwhile: Callable[[], None] | None = None) -> list[Any]:  # fmt: skip
     """Run each job on its own thread while Redis holds writes (CLIENT PAUSE WRITE): the first job's script is sent
-    and waits; every other one queues behind it, so they all go to Redis together as ONE batch once writes resume.
-    ``meanwhile`` runs when all are queued (and before writes resume). Returns each job's result or exception."""
+    and waits; every other one is sent behind it or queues for the next write, on the one connection, so they all run
+    together once writes resume. ``meanwhile`` runs when all are queued (and before writes resume). Returns each
+    job's result or exception."""
     group = led._batcher()
     admin.client_pause(5000, all=False)
     results: list[Any] = [None] * len(jobs)
@@ -531,9 +532,9 @@ def _one_batch(led: RedisLedger, admin: redis.Redis, jobs: list[Callable[[], Any
         for t in threads:
             t.start()
         deadline = time.monotonic() + 10
-        while len(group._queue) < len(jobs) - 1 and time.monotonic() < deadline:
+        while len(group._inflight) + len(group._unsent) < len(jobs) and time.monotonic() < deadline:
             time.sleep(0.002)
-        assert len(group._queue) == len(jobs) - 1, "the calls did not queue behind the one in flight"
+        assert len(group._inflight) + len(group._unsent) == len(jobs), "the calls were not all pending together"
         if meanwhile is not None:
             meanwhile()
     finally:
@@ -544,7 +545,8 @@ def _one_batch(led: RedisLedger, admin: redis.Redis, jobs: list[Callable[[], Any
         for t in threads:
             t.join(30)
     assert not any(t.is_alive() for t in threads), "a caller was left waiting"
-    assert group._queue == [] and not group._busy  # nothing dangling: the next call is sent at once
+    assert not group._inflight and not group._unsent  # nothing dangling: the next call is sent at once
+    assert not group._reading and not group._writing and not group._halted
     return results
 
 

@@ -44,10 +44,12 @@ import logging
 import math
 import operator
 import os
+import socket
 import sqlite3
+import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.retry
 import redis.exceptions
+from redis._parsers.base import BaseParser
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -406,6 +409,20 @@ def _parse_url(url: str) -> _Target:
     return _Target(redis_url, redacted, prefix, password)
 
 
+def _load_hiredis() -> Any:
+    try:
+        import hiredis
+    except ImportError:  # pragma: no cover - the redis extra installs it; without it redis-py's own parser reads
+        return None
+    return hiredis
+
+
+_hiredis: Any = _load_hiredis()
+_parse_error = BaseParser.parse_error
+"""redis-py's mapping of an error reply to its exception class (NOSCRIPT -> NoScriptError...)."""
+_push_type: Any = getattr(_hiredis, "PushNotification", None)
+"""RESP3 out-of-band messages (hiredis >= 3.2): not replies to any call."""
+
 _TRANSIENT_REPLIES = ("OOM", "MISCONF", "READONLY", "LOADING", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN",
                       "NOREPLICAS")  # fmt: skip
 
@@ -563,17 +580,26 @@ _PENDING: Any = object()
 
 
 class _Waiter:
-    """One script call in a batch: what to send, then its reply (or error). ``gate`` is held while it waits."""
+    """One script call: what to send, then its reply (or error).
 
-    __slots__ = ("command", "error", "gate", "lead", "reply", "script")
+    ``gate`` is a lock created held; the caller blocks on it until the reader hands over its reply, or the reading
+    role itself (``promoted``). A waiter with no gate has nobody waiting: an internal ``SCRIPT LOAD``, or a call
+    whose caller was interrupted. Its reply is still read (the stream is in order) and then dropped."""
 
-    def __init__(self, script: _Lua, command: bytes) -> None:
+    __slots__ = ("command", "error", "gate", "promoted", "reloaded", "reply", "retried", "script")
+
+    def __init__(self, script: _Lua | None, command: bytes) -> None:
         self.script = script
         self.command = command
         self.reply: Any = _PENDING
         self.error: BaseException | None = None
         self.gate: Any = None
-        self.lead = False
+        self.promoted = False
+        self.reloaded = False
+        self.retried = False
+        if script is not None:
+            self.gate = _thread.allocate_lock()
+            self.gate.acquire()
 
     def answered(self) -> bool:
         return self.reply is not _PENDING or self.error is not None
@@ -595,153 +621,331 @@ def _copy_error(exc: BaseException) -> BaseException:
     return copy
 
 
+def _io_error(exc: BaseException) -> redis.exceptions.RedisError:
+    if isinstance(exc, redis.exceptions.RedisError):
+        return exc
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return redis.exceptions.TimeoutError(f"Timeout talking to Redis: {exc}")
+    return redis.exceptions.ConnectionError(f"Error talking to Redis: {exc!r}")
+
+
+class _Replies:
+    """The replies of one connection, in order. With hiredis an error reply comes back as an exception *object* (the
+    answer of that one call; the stream is fine) while only a failure to read raises, so the two are never confused
+    (redis-py raises both, and a few reply errors, like LOADING, are ``ConnectionError`` subclasses)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.sock = conn._sock
+        self.reader: Any = None
+        if _hiredis is not None:
+            self.reader = _hiredis.Reader(replyError=_parse_error)
+            self.buf = bytearray(65536)
+
+    def next(self, before_waiting: Callable[[], None]) -> Any:
+        """The next reply; ``before_waiting`` runs first if there is none buffered (the reader writes what queued)."""
+        reader = self.reader
+        if reader is None:
+            before_waiting()
+            try:
+                return self.conn.read_response(disconnect_on_error=False)
+            except redis.exceptions.ResponseError as exc:
+                return exc
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                before_waiting()
+                n = self.sock.recv_into(self.buf)
+                if not n:
+                    raise redis.exceptions.ConnectionError("Redis closed the connection")
+                reader.feed(self.buf, 0, n)
+            elif _push_type is None or not isinstance(reply, _push_type):
+                return reply
+
+
 class _GroupCommit:
     """Reserve and settle scripts of every thread of this process, pipelined on one connection (group commit).
 
-    A call that finds nothing in flight is sent at once by its own thread (the leader): one thread pays the same
-    single round trip as a plain redis-py call. Calls made while a batch is in flight queue up; when the leader has
-    its replies it wakes them, and hands the lead to the first queued call, whose thread sends everything that
-    queued meanwhile as ONE write and reads all the replies. Redis runs each script atomically and in order, so a
-    batch changes nothing about what each script guarantees; it only saves round trips, system calls and
-    redis-py's per-command Python work, which is what bounded a process to a few thousand pairs a second.
+    A call is written as soon as it is made, by its own thread (the writer), unless another thread is writing
+    already: then that one writes it along with its own, as one ``sendall``. One thread at a time (the reader) reads
+    replies, in order, and hands each to its caller; when its own has come it passes the reading role to the oldest
+    call still waiting. So the next calls go out while Redis is still running the previous ones and while the reader
+    is busy: Redis and the callers' Python work overlap instead of taking turns (a batch-at-a-time commit left Redis
+    idle while the threads built their next calls). A lone thread writes, then reads its own reply: one round trip,
+    as a plain redis-py call. Redis runs each script atomically in arrival order, so pipelining changes nothing
+    about what a script guarantees.
 
-    Failures: a reply that is an error belongs to its call alone. NOSCRIPT (a restarted or failed-over server)
-    loads the script and resends those calls. A connection error or timeout drops the connection and, once (as the
-    redis-py ``Retry`` of the other commands), resends the calls that got no reply on a new one -- both scripts
-    are idempotent by reservation id, so a call that ran but whose reply was lost cannot hold or charge twice. If
-    that fails too, every unanswered call of the batch gets the error: none waits beyond the socket timeouts, none
-    is left queued with nobody to send it.
+    TLS connections are serial (``_serial``): OpenSSL does not allow one thread to read while another writes, so
+    there the reader writes what has queued only when nothing is in flight (a batch at a time).
+
+    Failures: an error reply belongs to its call alone. NOSCRIPT (a restarted or failed-over server) queues a
+    ``SCRIPT LOAD`` and the call again. A connection error or timeout (reading or writing) stops all writing; the
+    reader waits for any write under way, drops the connection and resends, once, every call that got no reply on a
+    new one, in order -- both scripts are idempotent by reservation id, so a call that ran but whose reply was lost
+    cannot hold or charge twice. If that fails too, every unanswered call gets the error: none waits beyond the
+    socket timeouts, none is left with nobody to send or read it. A caller interrupted by a signal leaves its call
+    to be read and dropped, and passes the reading role on if it had it.
     """
 
-    def __init__(self, pool: Any, retry: Retry) -> None:
+    def __init__(self, pool: Any, pause: float) -> None:
         self.pid = os.getpid()
         self._pool = pool
-        self._retry = retry
+        self._pause = pause
         self._conn: Any = None
+        self._replies: _Replies | None = None
+        self._serial = False
         self._mutex = threading.Lock()
-        self._queue: list[_Waiter] = []
-        self._busy = False
+        self._connect_lock = threading.Lock()
+        self._unsent: list[_Waiter] = []
+        self._inflight: deque[_Waiter] = deque()
+        self._writing = False
+        self._reading = False
+        self._halted = False
+        self._broken: BaseException | None = None
         self.largest = 0
-        """Most calls sent in one batch so far (for tests and curiosity)."""
+        """Most calls pending at once (in flight or queued) on the connection so far (for tests and curiosity)."""
 
+    # -- callers --------------------------------------------------------------------------------------------------
     def call(self, script: _Lua, command: bytes) -> Any:
+        if self._replies is None:
+            self._connect()  # a failure here is this caller's alone: nothing was queued
         me = _Waiter(script, command)
-        with self._mutex:
-            if self._busy:
-                me.gate = gate = _thread.allocate_lock()
-                gate.acquire()
-                self._queue.append(me)
-            else:
-                self._busy = True
-        if me.gate is not None:
-            try:
-                me.gate.acquire()  # released by the leader: answered, or promoted to lead the next batch
-            except BaseException:
-                self._abandon(me)
-                raise
-            if not me.lead:
-                return me.result()
-        self._lead(me)
+        try:
+            with self._mutex:
+                self._unsent.append(me)
+                pending = len(self._unsent) + len(self._inflight)
+                if pending > self.largest:
+                    self.largest = pending
+                lead = not self._reading
+                if lead:
+                    self._reading = True
+                write = not (self._serial or self._writing or self._halted or self._inflight)
+                if write:
+                    self._writing = True
+            if write:
+                self._write()
+            if not lead:
+                me.gate.acquire()  # released by the reader: answered, or promoted to read
+                if not me.promoted:
+                    return me.result()
+            self._read(me)
+        except BaseException:
+            self._abandon(me)
+            raise
         return me.result()
 
     def _abandon(self, me: _Waiter) -> None:
-        """A signal (Ctrl-C) interrupted a queued caller: the call is already queued, and the lead may yet be handed
-        to it, so wait for its turn anyway (bounded by the socket timeouts) and lead if asked: otherwise every call
-        queued behind it would wait forever."""
-        while True:
-            try:
-                me.gate.acquire()
-                break
-            except BaseException:
-                continue
-        if me.lead:
-            try:
-                self._lead(me)
-            except BaseException:
-                log.debug("a batch led by an interrupted caller failed", exc_info=True)
-
-    def _lead(self, me: _Waiter) -> None:
+        """An interrupted caller (Ctrl-C): its call stays queued or in flight and is read and dropped; if the reading
+        role is (or was just) handed to it, pass it on, or every call behind it would wait forever."""
         with self._mutex:
-            batch, self._queue = self._queue, []
-        if not me.lead:
-            batch.insert(0, me)  # nothing was in flight: me was never queued
-        if len(batch) > self.largest:
-            self.largest = len(batch)
-        try:
-            self._flush(batch)
-        except BaseException as exc:  # not a Redis error (those are the waiters'): KeyboardInterrupt, a bug...
-            self._drop()  # what was sent is unknown: never read a reply meant for another call
-            for w in batch:
-                if w is not me and not w.answered():
-                    w.error = redis.exceptions.ConnectionError(f"the batch this call was in was interrupted: {exc!r}")
-            raise
-        finally:
-            nxt: _Waiter | None = None
-            with self._mutex:
-                if self._queue:
-                    nxt = self._queue[0]
-                    nxt.lead = True
-                else:
-                    self._busy = False
-            if nxt is not None:
-                nxt.gate.release()
-            for w in batch:
-                if w is not me:
-                    w.gate.release()
+            me.gate = None
+            promoted, me.promoted = me.promoted, False
+            nxt = self._next_reader() if promoted else None
+        if nxt is not None:
+            nxt.release()
 
-    def _connection(self) -> Any:
-        conn = self._conn
-        if conn is None:
-            # Our own connection, built like the pool's (URL options, credentials, timeouts, client name, retry),
-            # but outside it: a batch holds no pooled connection, so max_connections=1 cannot starve other calls.
-            conn = self._conn = self._pool.connection_class(**self._pool.connection_kwargs)
-        return conn
+    # -- writing --------------------------------------------------------------------------------------------------
+    def _write(self) -> None:
+        """Holding the writing role: send everything queued, as one write each time round, until nothing is."""
+        while True:
+            with self._mutex:
+                batch = self._unsent
+                replies = self._replies
+                if not batch or self._halted or self._broken is not None:
+                    self._writing = False
+                    return
+                self._unsent = []
+                self._inflight.extend(batch)
+            try:
+                if replies is None:
+                    raise redis.exceptions.ConnectionError("no connection to Redis")
+                replies.sock.sendall(b"".join([w.command for w in batch]))
+            except BaseException as exc:
+                # What reached Redis is unknown: the reader drops the connection and resends what got no reply.
+                with self._mutex:
+                    if self._broken is None:
+                        self._broken = _io_error(exc)
+                    self._writing = False
+                if replies is not None:
+                    _shutdown(replies.sock)  # wakes a reader blocked on this connection
+                if not isinstance(exc, Exception):
+                    raise
+                return
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def _next_reader(self) -> Any:
+        """Under the mutex: promote the oldest call someone waits for to reader and return its gate to release, or
+        give the role up when there is none (the next call takes it)."""
+        for queue in (self._inflight, self._unsent):
+            for w in queue:
+                if w.gate is not None and not w.answered():
+                    w.promoted = True
+                    return w.gate
+        self._reading = False
+        return None
+
+    def _read(self, me: _Waiter) -> None:
+        """Holding the reading role: read replies in order, handing each to its caller, until ``me`` has its own;
+        then pass the role on."""
+        try:
+            while True:
+                with self._mutex:
+                    if me.answered():
+                        break
+                    broken, replies = self._broken, self._replies
+                if broken is not None or replies is None:
+                    self._recover(broken or redis.exceptions.ConnectionError("no connection to Redis"))
+                    continue
+                try:
+                    reply = replies.next(self._flush)
+                except BaseException as exc:
+                    with self._mutex:
+                        if self._broken is None:
+                            self._broken = _io_error(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                with self._mutex:
+                    w = self._inflight.popleft()
+                self._deliver(w, reply)
+        finally:
+            with self._mutex:
+                nxt = self._next_reader()
+            if nxt is not None:
+                nxt.release()
+
+    def _flush(self) -> None:
+        """The reader is about to wait for Redis: first send what queued since the last write, as one write. Calls
+        made while others are in flight wait for this (at most until the next reply comes in) so that they go out
+        together: fewer, larger writes cost Redis and the callers far fewer system calls, and Redis still has the
+        next calls in hand while the callers handle the previous replies. On TLS only when nothing is in flight."""
+        with self._mutex:
+            write = bool(self._unsent) and not (self._writing or self._halted or self._broken is not None
+                                                or (self._serial and self._inflight))  # fmt: skip
+            if write:
+                self._writing = True
+        if write:
+            self._write()
+
+    def _deliver(self, w: _Waiter, reply: Any) -> None:
+        if isinstance(reply, redis.exceptions.NoScriptError) and w.script is not None and not w.reloaded:
+            w.reloaded = True  # load the script, then run the call again (once)
+            load = _Waiter(None, _command("SCRIPT", "LOAD", w.script.source))
+            with self._mutex:
+                self._unsent += [load, w]  # sent before the reader next waits
+            return
+        if isinstance(reply, BaseException):
+            w.error = reply
+        else:
+            w.reply = reply
+        gate = w.gate
+        if gate is not None and not w.promoted:
+            gate.release()
+
+    # -- failures -------------------------------------------------------------------------------------------------
+    def _recover(self, exc: BaseException) -> None:
+        """Holding the reading role after a failure: stop the writers, drop the connection, resend every call that got
+        no reply once on a new one (reading all the replies), and fail those that had their retry already."""
+        with self._mutex:
+            self._halted = True
+        while True:
+            with self._mutex:
+                if not self._writing:
+                    todo = [*self._inflight, *self._unsent]
+                    self._inflight.clear()
+                    self._unsent = []
+                    break
+            time.sleep(0.0002)  # a write under way ends within the socket timeout
+        self._drop()
+        again = [w for w in todo if not w.retried and not w.answered()]
+        for w in todo:
+            if w not in again and not w.answered():
+                w.error = _copy_error(exc)
+        try:
+            if again:
+                for w in again:
+                    w.retried = True
+                time.sleep(self._pause)
+                self._exchange(again)
+        except BaseException as failure:
+            self._drop()
+            for w in again:
+                if not w.answered():
+                    w.error = _copy_error(_io_error(failure)) if isinstance(failure, Exception) else (
+                        redis.exceptions.ConnectionError(f"interrupted: {failure!r}"))
+            if not isinstance(failure, Exception):
+                self._resume(todo)
+                raise
+        self._resume(todo)
+
+    def _exchange(self, waiters: list[_Waiter]) -> None:
+        """Send ``waiters`` on a new connection and read all their replies (nobody else writes or reads meanwhile)."""
+        self._connect(replace=True)
+        replies = self._replies
+        assert replies is not None
+        todo = waiters
+        while todo:
+            replies.sock.sendall(b"".join([w.command for w in todo]))
+            again: list[_Waiter] = []
+            for w in todo:
+                reply = replies.next(_nothing)
+                if isinstance(reply, redis.exceptions.NoScriptError) and w.script is not None and not w.reloaded:
+                    w.reloaded = True
+                    again += [_Waiter(None, _command("SCRIPT", "LOAD", w.script.source)), w]
+                elif isinstance(reply, BaseException):
+                    w.error = reply
+                else:
+                    w.reply = reply
+            todo = again
+
+    def _resume(self, done: list[_Waiter]) -> None:
+        """After a recovery: let writing go on (sending what queued meanwhile) and wake the calls it answered."""
+        with self._mutex:
+            self._halted = False
+            self._broken = None
+        for w in done:
+            gate = w.gate
+            if gate is not None and w.answered() and not w.promoted:
+                gate.release()
+
+    # -- the connection -------------------------------------------------------------------------------------------
+    def _connect(self, replace: bool = False) -> None:
+        """Our own connection, built like the pool's (URL options, credentials, timeouts, client name), but outside
+        it: the group commit holds no pooled connection, so max_connections=1 cannot starve other calls."""
+        with self._connect_lock:
+            if self._replies is not None and not replace:
+                return
+            conn = self._pool.connection_class(**self._pool.connection_kwargs)
+            try:
+                conn.connect()
+                replies = _Replies(conn)
+            except BaseException:
+                conn.disconnect()
+                raise
+            with self._mutex:
+                self._conn, self._replies = conn, replies
+                self._serial = isinstance(conn._sock, ssl.SSLSocket)
 
     def _drop(self) -> None:
-        conn = self._conn
-        if conn is not None:
-            conn.disconnect()
-
-    def _flush(self, batch: list[_Waiter]) -> None:
-        conn = self._connection()
-
-        def send() -> None:
-            todo = [w for w in batch if not w.answered()]
-            if not todo:
-                return
-            # A list of one buffer: one sendall (redis-py iterates what it is given, and bytes iterate as ints).
-            conn.send_packed_command([b"".join([w.command for w in todo])])
-            for w in todo:
-                try:
-                    w.reply = conn.read_response()
-                except redis.exceptions.ResponseError as exc:  # this call's own error; the connection is fine
-                    w.error = exc
-
-        def run() -> None:
-            try:
-                self._retry.call_with_retry(send, lambda _exc: conn.disconnect())
-            except (redis.exceptions.RedisError, OSError) as exc:
-                for w in batch:
-                    if not w.answered():
-                        w.error = _copy_error(exc)
-
-        run()
-        missing = [w for w in batch if isinstance(w.error, redis.exceptions.NoScriptError)]
-        if missing:
-            try:
-                for lua in {w.script.sha: w.script for w in missing}.values():
-                    conn.send_command("SCRIPT", "LOAD", lua.source)
-                    conn.read_response()
-            except (redis.exceptions.RedisError, OSError) as exc:
-                for w in missing:
-                    w.error = _copy_error(exc)
-                return
-            for w in missing:
-                w.error = None
-            run()
+        with self._connect_lock:
+            with self._mutex:
+                conn, self._conn, self._replies = self._conn, None, None
+            if conn is not None:
+                conn.disconnect()
 
     def close(self) -> None:
         self._drop()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _shutdown(sock: Any) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 # -- the ledger -------------------------------------------------------------------------------------------------------
@@ -1316,7 +1520,7 @@ class RedisLedger(Ledger):
                 group = self._group
                 if group is None or group.pid != os.getpid():
                     # A fresh one after a fork: the parent's connection and locks are not this process's to use.
-                    group = self._group = _GroupCommit(self._pool, Retry(ExponentialBackoff(cap=0.05, base=0.005), 1))
+                    group = self._group = _GroupCommit(self._pool, pause=0.005)
         return group
 
     # -- async ------------------------------------------------------------------------------------------------------
