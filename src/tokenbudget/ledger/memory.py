@@ -6,6 +6,7 @@ import bisect
 import math
 import os
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,15 +26,28 @@ class _Account:
 
 
 class MemoryLedger(Ledger):
+    """``settled_ttl`` (seconds, default one day, as the Redis ledger's settled markers) is how long a settled
+    reservation id is remembered after both its lease and its settle, so that a repeat settle within it charges
+    nothing. Forgetting it keeps a long-running process's memory flat (one id per call otherwise); the price is that
+    a settle repeated later is taken for a first one and charged, so the retention must exceed any window in which a
+    settle can be repeated. The guard repeats only its own retries of refused settles, on its next reservation or
+    at close, far inside a day. Age is judged by the ``now`` the settles pass. Events are kept."""
+
     async_in_place = True
 
-    def __init__(self) -> None:
+    def __init__(self, *, settled_ttl: float = 86_400.0) -> None:
+        if not settled_ttl > 0:
+            raise ValueError("settled_ttl must be > 0 seconds")
         self.url = "memory://"
+        self.settled_ttl = float(settled_ttl)
         self._lock = threading.Lock()
         self._accounts: dict[str, _Account] = {}
         self._holds: dict[str, tuple[Reservation, float]] = {}
         self._next_expiry = math.inf  # no hold expires before this (it may be earlier than the true minimum)
         self._settled: set[str] = set()
+        # (forget at, id) in settle order: settles come in about time order, so the front is the next to forget; one
+        # settled out of order (a retry with its original time) is only forgotten late, never early.
+        self._forget: deque[tuple[float, str]] = deque()
         self._events: list[CallEvent] = []
         self._event_times: list[float] = []
         self._grants: list[Grant] = []
@@ -116,21 +130,25 @@ class MemoryLedger(Ledger):
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
         with self._lock:
-            return self._settle(reservation, micros, tokens, event)
+            return self._settle(reservation, micros, tokens, event, now)
 
     def settle_and_read(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
         allowances: Sequence[Allowance],
     ) -> tuple[bool, dict[str, Balance]]:
         with self._lock:
-            charged = self._settle(reservation, micros, tokens, event)
+            charged = self._settle(reservation, micros, tokens, event, now)
             self._expire(now)
             return charged, {a.key: self._balance(a, now) for a in allowances}
 
-    def _settle(self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None) -> bool:
+    def _settle(self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, now: float) -> bool:
+        forget = self._forget
+        while forget and forget[0][0] <= now:
+            self._settled.discard(forget.popleft()[1])
         if reservation.id in self._settled:
             return False
         self._settled.add(reservation.id)
+        forget.append((max(now, reservation.expires_at) + self.settled_ttl, reservation.id))
         if self._holds.pop(reservation.id, None) is not None:
             self._drop_hold(reservation)
         for key in reservation.keys:
