@@ -769,11 +769,7 @@ class SQLiteLedger(Ledger):
         event: CallEvent | None,
         now: float,
     ) -> bool:
-        charged = self._charge(conn, reservation, micros, tokens, event, now, False)[0]
-        self._settles += 1
-        if self._settles >= _PRUNE_EVERY:
-            self._prune(conn, now)
-        return charged
+        return self._settle_and_read(conn, reservation, micros, tokens, event, now, ())[0]
 
     def _settle_and_read(
         self,
