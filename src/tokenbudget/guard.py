@@ -76,7 +76,7 @@ class Ticket:
     price: ModelPrice
     input_tokens: int
     reserved_micros: int
-    reservation: Reservation | None
+    reservation: Reservation
     matches: list[RuleMatch]
     principal: Principal
     span: Span
@@ -382,15 +382,9 @@ class Guard:
         event, record, cost, tokens, now, duration = self._settlement(ticket, usage, status)
         balances: dict[str, Balance] = {}
         try:
-            if ticket.reservation is not None:
-                if self._wants_balances(ticket):
-                    _, balances = self.ledger.settle_and_read(
-                        ticket.reservation, cost, tokens, record, now=now, allowances=_limited(ticket)
-                    )
-                else:
-                    self.ledger.settle(ticket.reservation, cost, tokens, record, now=now)
-            elif record is not None:
-                self.ledger.record(record)
+            _, balances = self.ledger.settle_and_read(
+                ticket.reservation, cost, tokens, record, now=now, allowances=self._balances_wanted(ticket)
+            )
         except Exception:
             self._settle_failed(ticket, cost, tokens, record, now)
         self._finish(ticket, event, usage, cost, status, balances, duration, exc)
@@ -424,24 +418,17 @@ class Guard:
         event, record, cost, tokens, now, duration = self._settlement(ticket, usage, status)
         balances: dict[str, Balance] = {}
         try:
-            if ticket.reservation is not None:
-                if self._wants_balances(ticket):
-                    _, balances = await self.ledger.asettle_and_read(
-                        ticket.reservation, cost, tokens, record, now=now, allowances=_limited(ticket)
-                    )
-                else:
-                    await self.ledger.asettle(ticket.reservation, cost, tokens, record, now=now)
-            elif record is not None:
-                self.ledger.record(record)
+            _, balances = await self.ledger.asettle_and_read(
+                ticket.reservation, cost, tokens, record, now=now, allowances=self._balances_wanted(ticket)
+            )
         except Exception:
             self._settle_failed(ticket, cost, tokens, record, now)
         self._finish(ticket, event, usage, cost, status, balances, duration, exc)
 
     def _settle_failed(self, ticket: Ticket, cost: int, tokens: int, record: CallEvent | None, now: float) -> None:
         log.exception("tokenbudget could not settle a call in the ledger %s; retrying later", self.ledger.url)
-        if ticket.reservation is not None:  # settle is idempotent: a retry never charges twice
-            with self._deferred_lock:
-                self._deferred.append((ticket.reservation, cost, tokens, record, now))
+        with self._deferred_lock:  # settle is idempotent: a retry never charges twice
+            self._deferred.append((ticket.reservation, cost, tokens, record, now))
 
     def _finish(
         self, ticket: Ticket, event: CallEvent, usage: Usage | None, cost: int, status: str,
@@ -461,7 +448,7 @@ class Guard:
         except Exception:
             log.exception("tokenbudget could not finish a span")
         self._notify(
-            event, tuple(m.allowance for m in ticket.matches) if ticket.reservation is not None else (), balances
+            event, tuple(m.allowance for m in ticket.matches), balances
         )
 
     def _settlement(
@@ -474,7 +461,7 @@ class Guard:
         duration = time.perf_counter() - ticket.started
         p = ticket.principal
         event = CallEvent(
-            id=ticket.reservation.id if ticket.reservation else os.urandom(16).hex(),
+            id=ticket.reservation.id,
             time=now,
             provider=ticket.request.provider,
             model=ticket.request.model,
@@ -491,7 +478,7 @@ class Guard:
             cost_micros=cost,
             estimated_micros=ticket.reserved_micros,
             original_estimated_micros=ticket.original_estimated_micros,
-            budget_keys=ticket.reservation.keys if ticket.reservation else (),
+            budget_keys=ticket.reservation.keys,
             duration_s=duration,
         )
         if usage is not None:
@@ -504,9 +491,12 @@ class Guard:
         record = event if self.settings.record_events else None
         return event, record, cost, tokens, now, duration
 
-    def _wants_balances(self, ticket: Ticket) -> bool:
-        """Post-call balances are read once, for both readers: the span (remaining USD) and threshold alerts."""
-        return bool(self.budget_listeners) or ticket.span.is_recording()
+    def _balances_wanted(self, ticket: Ticket) -> list[Allowance]:
+        """The limited budgets whose post-settle balances someone reads (the span's remaining USD, threshold
+        alerts): read once, in the settle's own step, for both; none when nobody reads them."""
+        if self.budget_listeners or ticket.span.is_recording():
+            return _limited(ticket)
+        return []
 
     def _record_denied(
         self, plan: _Plan, principal: Principal, exc: BudgetExceeded, original: str | None, fn: str | None,
