@@ -36,7 +36,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
-    session.run("mypy", "src/tokenbudget")
+    session.run("mypy", "src/tokenbudget", "benchmarks")
 
 
 @nox.session

@@ -44,7 +44,8 @@ def _anthropic_events(n: int) -> list[Any]:
     def ev(name: str, data: dict[str, Any]) -> Any:
         return ServerSentEvent(event=name, data=json.dumps(data))
 
-    message = {"id": "msg_bench", "type": "message", "role": "assistant", "model": "claude-haiku-4-5", "content": [],
+    message: dict[str, Any] = {
+               "id": "msg_bench", "type": "message", "role": "assistant", "model": "claude-haiku-4-5", "content": [],
                "stop_reason": None, "stop_sequence": None,
                "usage": {"input_tokens": 120, "output_tokens": 1, "cache_read_input_tokens": 0,
                          "cache_creation_input_tokens": 0}}

@@ -98,7 +98,7 @@ def _processes(url: str, procs: int, seconds: float) -> float:
         ready.get(timeout=120)
     start_at.value = time.time() + 0.2
     go.set()
-    total = sum(out.get(timeout=120 + seconds) for _ in workers)
+    total: float = sum(out.get(timeout=120 + seconds) for _ in workers)
     for w in workers:
         w.join(timeout=30)
     return total / seconds

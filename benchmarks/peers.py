@@ -127,7 +127,7 @@ def _peer_variants(peer: Peer, server: Any, otel_exporter_holder: list[Any]) -> 
     from ._env import adopt_otel, setup_otel
 
     if peer.name == "logfire":
-        import logfire
+        import logfire  # type: ignore[import-not-found,unused-ignore]  # only in the logfire peer's venv
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 

@@ -43,6 +43,7 @@ def steps() -> list[tuple[str, float]]:
     from tokenbudget.events import CallEvent
     from tokenbudget.guard import _limited, _principal_attrs
     from tokenbudget.integrations.openai import OpenAIAdapter, usage_from
+    from tokenbudget.ledger.base import Reservation
     from tokenbudget.principal import current_principal
 
     from ._env import setup_otel
@@ -68,7 +69,8 @@ def steps() -> list[tuple[str, float]]:
     counter = iter(range(10**9))
 
     def fresh_body_req() -> tcalls.CallRequest:
-        b = {**body, "messages": [body["messages"][0], {"role": "user", "content": f"[{next(counter)}] question"}]}
+        first: Any = body["messages"]
+        b = {**body, "messages": [first[0], {"role": "user", "content": f"[{next(counter)}] question"}]}
         return tcalls.CallRequest(provider="openai", operation="chat", model="gpt-4o-mini", body=b, api="openai")
 
     def full() -> None:
@@ -119,6 +121,7 @@ def steps() -> list[tuple[str, float]]:
         held = [ledger.reserve(allowances, 100, 300, lease_seconds=600, now=now) for _ in range(open_holds)]
         v = _us(reserve_settle, n=500)
         for h in held:
+            assert isinstance(h, Reservation)
             ledger.settle(h, 0, 0, None, now=now)
         return v
 
@@ -128,6 +131,7 @@ def steps() -> list[tuple[str, float]]:
 
     def reserve_settle() -> None:
         res = ledger.reserve(allowances, 100, 300, lease_seconds=600, now=now)
+        assert isinstance(res, Reservation)
         ledger.settle(res, 10, 52, None, now=now)
 
     def event() -> CallEvent:
