@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .budget import active_function_allowances, rule_for_function_allowance
 from .calls import CallRequest, Usage
 from .clock import Clock, SystemClock
 from .config import BudgetRule, DowngradeTarget, Settings
@@ -187,8 +188,6 @@ class Guard:
     def _negotiate(
         self, request: CallRequest
     ) -> Generator[_Reserve | _Balances, Reservation | Refusal | list[Balance], Ticket]:
-        from .budget import active_function_allowances
-
         now = self.clock.now()
         principal = current_principal(self.default_principal)
         plan = self._plan(request)
@@ -562,8 +561,6 @@ def _rule_for(allowance: Allowance, matches: Sequence[RuleMatch]) -> BudgetRule 
     for m in matches:
         if m.allowance.key == allowance.key:
             return m.rule
-    from .budget import rule_for_function_allowance
-
     return rule_for_function_allowance(allowance)
 
 

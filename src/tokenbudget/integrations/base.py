@@ -19,6 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from pydantic import BaseModel
 
+from .._runtime import active_guard
 from ..calls import CallRequest, Usage
 from ..streams import BodyMeter, StreamMeter, attach, meter_of
 
@@ -199,8 +200,6 @@ def _settle_parsed(adapter: Adapter, ticket: Ticket, result: Any, is_async: bool
 
 
 def _guard_or_none() -> Guard | None:
-    from .._runtime import active_guard
-
     return active_guard()
 
 
