@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.crc import key_slot
 
 import tokenbudget
@@ -508,6 +510,83 @@ def test_throughput_smoke(make: Callable[..., RedisLedger]) -> None:
         led.settle(r, 90, 9, _event(i, 90, r.keys), now=T0)
     rate = n / (time.perf_counter() - started)
     assert rate > 200, f"{rate:.0f} reserve+settle pairs/s"
+
+
+def test_scripts_run_no_redundant_commands(own: Callable[..., RedisServer], tmp_path: Path) -> None:
+    """Reserve reads whether an enforced account exists (its scope) with its figures, so it writes the scope only
+    when creating the account; settle checks each account's existence once, releasing and charging with that
+    answer. Counted in ``INFO commandstats`` (commands a script runs count under their own names)."""
+    server = own()
+    led = RedisLedger(server.url, spool_path=tmp_path / "s.db", window_grace=60)
+    a = Allowance("day", "team", limit_micros=10**9, window_end=time.time() + 3600)
+    first = led.reserve([a], 100, 10, lease_seconds=60, now=T0)
+    assert isinstance(first, Reservation) and led.settle(first, 90, 9, None, now=T0)
+    admin = redis.Redis(port=server.port)
+    acct = b"{tokenbudget}:acct:day"
+    assert admin.hget(acct, "scope") == b"team" and 3600 <= admin.ttl(acct) <= 3661  # created with scope and expiry
+    admin.config_resetstat()
+    r = led.reserve([a], 100, 10, lease_seconds=60, now=T0)
+    assert isinstance(r, Reservation) and led.settle(r, 80, 8, _event(1, 80, r.keys), now=T0)
+    stats = admin.info("commandstats")
+    assert "cmdstat_hsetnx" not in stats and "cmdstat_expireat" not in stats  # the account had its scope already
+    assert stats["cmdstat_exists"]["calls"] == 3  # reserve: its marker; settle: its marker, the account once
+    assert led.balance(a, now=T0).spent_micros == 170 and led.balance(a, now=T0).reserved_micros == 0
+    admin.close()
+    led.close()
+
+
+def test_a_reserve_plan_is_reused_until_its_window_ends(make: Callable[..., RedisLedger]) -> None:
+    """Reserve arguments are built once per allowance tuple, but a window's EXPIREAT is never in the past: once
+    ``window_end`` has passed, it follows the clock again (``_expireat``), so the plan is rebuilt on each use."""
+    led = make(window_grace=0)
+    total = (Allowance("org", "org", limit_micros=10),)
+    assert led._plan(total) is led._plan(list(total)) is led._plan((Allowance("org", "org", limit_micros=10),))
+    day = (Allowance("d", "t", limit_micros=10, window_end=time.time() + 0.2),)
+    plan = led._plan(day)
+    assert led._plan(day) is plan and plan.meta == [["t", led._expireat(day[0].window_end)]]
+    time.sleep(0.3)
+    later = led._plan(day)
+    assert later is not plan and later.meta == [["t", led._expireat(day[0].window_end)]]
+    assert int(later.args[-1]) >= time.time() - 1  # not the stale ceil(window_end)
+    _res, _keys, args, meta = led._reserve_call(day, 5, 1, 60, T0)
+    assert meta == later.meta and args[6] == json.dumps(["5", "1", repr(T0 + 60.0), "d"], separators=(",", ":"))
+
+
+_texts = st.text(st.characters(codec="utf-8"), max_size=8)
+_opt_texts = st.none() | _texts
+_ints = st.integers(-(2**70), 2**70)
+_floats = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.builds(
+        CallEvent, id=_texts, time=_floats, provider=_texts, model=_texts, operation=_texts, status=_texts,
+        decision=_texts, original_model=_opt_texts, org=_opt_texts, team=_opt_texts, user=_opt_texts,
+        tags=st.dictionaries(_texts, _texts, max_size=3), function=_opt_texts, run_id=_opt_texts,
+        input_tokens=_ints, output_tokens=_ints, cache_read_tokens=_ints, cache_write_tokens=_ints,
+        cache_write_1h_tokens=_ints, reasoning_tokens=_ints, cost_micros=_ints, estimated_micros=_ints,
+        original_estimated_micros=_ints, budget_keys=st.lists(_texts, max_size=3).map(tuple), duration_s=_floats,
+    )
+)
+def test_event_json_is_the_general_encoders_text(event: CallEvent) -> None:
+    """The f-string fast path writes exactly what the general encoder writes (the stored format other versions of
+    the library read from the same stream), and it round-trips."""
+    from tokenbudget.ledger.redis import _event_json, _event_json_any
+
+    assert _event_json(event) == _event_json_any(event)
+    assert CallEvent.from_json(_event_json(event)) == event
+
+
+@pytest.mark.parametrize("odd", [
+    {"time": float("nan")}, {"time": float("inf")}, {"time": 5}, {"input_tokens": True}, {"cost_micros": 1.5},
+    {"org": type("S", (str,), {})("x")}, {"budget_keys": ["a"]}, {"tags": {1: "x"}}, {"duration_s": -0.0},
+])  # fmt: skip
+def test_event_json_of_unusual_values_falls_back_to_the_general_encoder(odd: dict[str, Any]) -> None:
+    from tokenbudget.ledger.redis import _event_json, _event_json_any
+
+    event = CallEvent(**{"id": "e", "time": T0, "provider": "p", "model": "m", **odd})
+    assert _event_json(event) == _event_json_any(event)
 
 
 # -- group commit: many threads' calls in one pipelined batch --------------------------------------------------------
