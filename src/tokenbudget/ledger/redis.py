@@ -795,7 +795,9 @@ class _GroupCommit:
                 lead = not self._reading
                 if lead:
                     self._reading = True
-                write = not (self._serial or self._writing or self._halted or self._inflight)
+                # Written now, even with others in flight (not held for the reader's next wait): Redis runs it while
+                # the callers handle earlier replies. On TLS never (_serial): the reader writes, between its reads.
+                write = not (self._serial or self._writing or self._halted)
                 if write:
                     self._writing = True
             if write:
@@ -891,10 +893,8 @@ class _GroupCommit:
                 nxt.release()
 
     def _flush(self) -> None:
-        """The reader is about to wait for Redis: first send what queued since the last write, as one write. Calls
-        made while others are in flight wait for this (at most until the next reply comes in) so that they go out
-        together: fewer, larger writes cost Redis and the callers far fewer system calls, and Redis still has the
-        next calls in hand while the callers handle the previous replies. On TLS only when nothing is in flight."""
+        """The reader is about to wait for Redis: first send anything still queued, as one write (calls normally go
+        out as they are made, by their own threads; on TLS only the reader writes, here, when nothing is in flight)."""
         with self._mutex:
             write = bool(self._unsent) and not (self._writing or self._halted or self._broken is not None
                                                 or (self._serial and self._inflight))  # fmt: skip
