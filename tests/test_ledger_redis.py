@@ -216,6 +216,12 @@ def _event(n: int | str, cost: int, keys: tuple[str, ...], now: float = T0, **kw
                      budget_keys=keys, **kw)  # fmt: skip
 
 
+def _replay_spool(led: RedisLedger) -> None:
+    """Replay the spool now that Redis is back, and wait until the background replayer is done with it too."""
+    led.replay_spool()
+    _wait_for_empty_spool(led)
+
+
 def _wait_for_empty_spool(led: RedisLedger, timeout: float = 10.0) -> None:
     """The background thread may be replaying at the same moment: wait for it rather than race it."""
     deadline = time.monotonic() + timeout
@@ -489,8 +495,7 @@ async def test_settle_and_read_while_redis_is_down_spools_the_charge_and_reads_n
     assert await led.asettle_and_read(r2, 100, 1, _event(2, 100, r2.keys), now=T0, allowances=[a]) == (True, {})
     assert led.spooled() == 2
     server.start()
-    led.replay_spool()
-    _wait_for_empty_spool(led)
+    _replay_spool(led)
     bal = led.balance(a, now=T0)
     assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens) == (300, 0, 3)
     assert sorted(e.id for e in led.events()) == ["e1", "e2"]
@@ -724,8 +729,7 @@ def test_redis_dying_mid_batch_fails_every_waiter_and_spools_every_settle_once(
     assert led.spooled() == 4
 
     server.start()
-    led.replay_spool()
-    _wait_for_empty_spool(led)
+    _replay_spool(led)
     bal = led.balance(a, now=T0)
     assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens) == (280, 0, 4)  # no refused reserve held
     assert sorted(e.id for e in led.events()) == ["e0", "e1", "e2", "e3"]
@@ -931,8 +935,7 @@ def test_closed_refuses_while_redis_is_down_and_charges_nothing(
     assert led.spooled() == 1
 
     server.start()
-    led.replay_spool()
-    _wait_for_empty_spool(led)
+    _replay_spool(led)
     bal = led.balance(a, now=T0)
     assert (bal.spent_micros, bal.reserved_micros, bal.spent_tokens) == (650, 0, 6)
     assert [e.id for e in led.events()] == ["e1", "e2"]  # no event for the refused calls
@@ -979,8 +982,7 @@ def test_open_lets_calls_through_spools_and_replays_exactly_once(
 
     server.start()
     led = RedisLedger(server.url, spool_path=spool, on_error="open")  # a new process would pick the spool up
-    led.replay_spool()
-    _wait_for_empty_spool(led)
+    _replay_spool(led)
     assert led.spooled() == 0 and led.replay_spool() == 0
 
     def state() -> tuple[Any, ...]:
