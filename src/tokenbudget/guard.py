@@ -552,8 +552,7 @@ class Guard:
         return len(self._deferred)
 
     def close(self) -> None:
-        if self._deferred:
-            self._settle_deferred()
+        self.settle_deferred()
         self.ledger.close()
 
 
