@@ -1474,20 +1474,7 @@ class RedisLedger(Ledger):
     def settle(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
-        meta = self._meta_of(reservation)
-        payload = None if event is None else _event_json(event)
-        keys, args = self._settle_call(reservation.id, reservation.keys, meta, micros, tokens, reservation.expires_at,
-                                       payload, now)  # fmt: skip
-        command = self._settle_lua.call(keys, args)
-        try:
-            out = self._run("settle", lambda: self._batcher().call(self._settle_lua, command))
-        except LedgerUnavailable:
-            # The call already happened: keep its charge locally whatever on_error says, and replay it later.
-            done = self._spool_settle(reservation, meta, micros, tokens, payload)
-        else:
-            done = int(out) == 1
-        self._forget(reservation.id)
-        return done
+        return self.settle_and_read(reservation, micros, tokens, event, now=now, allowances=())[0]
 
     def settle_and_read(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
@@ -1503,8 +1490,6 @@ class RedisLedger(Ledger):
         :meth:`balance` themselves later. Raising instead would make the guard treat a charge kept safely in the
         spool as a failed settle.
         """
-        if not allowances:
-            return self.settle(reservation, micros, tokens, event, now=now), {}
         meta = self._meta_of(reservation)
         payload = None if event is None else _event_json(event)
         keys, args = self._settle_call(reservation.id, reservation.keys, meta, micros, tokens, reservation.expires_at,
@@ -1513,10 +1498,11 @@ class RedisLedger(Ledger):
         try:
             out = self._run("settle", lambda: self._batcher().call(self._settle_lua, command))
         except LedgerUnavailable:
+            # The call already happened: keep its charge locally whatever on_error says, and replay it later.
             done = self._spool_settle(reservation, meta, micros, tokens, payload)
             balances: dict[str, Balance] = {}
         else:
-            done, balances = self._read_results(out, allowances)
+            done, balances = self._read_results(out, allowances) if allowances else (int(out) == 1, {})
         self._forget(reservation.id)
         return done, balances
 
@@ -1653,27 +1639,13 @@ class RedisLedger(Ledger):
     async def asettle(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
-        runner = self._runner()
-        meta = self._meta_of(reservation)
-        payload = None if event is None else _event_json(event)
-        keys, args = self._settle_call(reservation.id, reservation.keys, meta, micros, tokens, reservation.expires_at,
-                                       payload, now)  # fmt: skip
-        try:
-            out = await self._arun("settle", lambda: runner.call(lambda: runner.settle(keys, args)))
-        except LedgerUnavailable:
-            done = await asyncio.to_thread(self._spool_settle, reservation, meta, micros, tokens, payload)
-        else:
-            done = int(out) == 1
-        self._forget(reservation.id)
-        return done
+        return (await self.asettle_and_read(reservation, micros, tokens, event, now=now, allowances=()))[0]
 
     async def asettle_and_read(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
         allowances: Sequence[Allowance],
     ) -> tuple[bool, dict[str, Balance]]:
         """:meth:`settle_and_read` without blocking the event loop; the same one round trip and spool fallback."""
-        if not allowances:
-            return await self.asettle(reservation, micros, tokens, event, now=now), {}
         runner = self._runner()
         meta = self._meta_of(reservation)
         payload = None if event is None else _event_json(event)
@@ -1685,7 +1657,7 @@ class RedisLedger(Ledger):
             done = await asyncio.to_thread(self._spool_settle, reservation, meta, micros, tokens, payload)
             balances: dict[str, Balance] = {}
         else:
-            done, balances = self._read_results(out, allowances)
+            done, balances = self._read_results(out, allowances) if allowances else (int(out) == 1, {})
         self._forget(reservation.id)
         return done, balances
 
