@@ -240,6 +240,43 @@ class LedgerContract:
         assert again is False and balances["a"].spent_micros == 700  # idempotent: no second charge
         assert [e.id for e in ledger.events()] == ["e1"]
 
+    def test_nowait_steps_do_what_the_waiting_ones_do_or_nothing(self, ledger: Ledger) -> None:
+        # The async guard asks for each step at once first: an answer must be the one the sync step would give, and
+        # None must mean nothing happened (the guard then awaits the async step, which must not find it done).
+        a = Allowance("a", "team:a", limit_micros=1_000, limit_tokens=100)
+        done = 0
+
+        def reserve(micros: int, tokens: int, now: float) -> Reservation | Refusal:
+            nonlocal done
+            got = ledger.reserve_nowait([a], micros, tokens, lease_seconds=LEASE, now=now)
+            if got is None:
+                return ledger.reserve([a], micros, tokens, lease_seconds=LEASE, now=now)
+            done += 1
+            return got
+
+        r1 = reserve(600, 60, T0)
+        assert isinstance(r1, Reservation)
+        refusal = reserve(401, 1, T0)
+        assert isinstance(refusal, Refusal) and refusal.balance.reserved_micros == 600
+        settled = ledger.settle_and_read_nowait(r1, 500, 50, _ev(1, T0 + 1, 500, r1.keys), now=T0 + 1,
+                                                allowances=[a])
+        if settled is None:
+            settled = ledger.settle_and_read(r1, 500, 50, _ev(1, T0 + 1, 500, r1.keys), now=T0 + 1, allowances=[a])
+        else:
+            done += 1
+        assert settled == (True, {"a": ledger.balance(a, now=T0 + 1)})
+        assert (settled[1]["a"].spent_micros, settled[1]["a"].reserved_micros) == (500, 0)
+        again = ledger.settle_and_read_nowait(r1, 500, 50, None, now=T0 + 2, allowances=[a])
+        assert again is None or again[0] is False
+        read = ledger.balance_nowait(a, now=T0 + 2)
+        assert read is None or read == ledger.balance(a, now=T0 + 2)
+        assert [e.id for e in ledger.events()] == ["e1"]
+        if self.answers_nowait:
+            assert done == 3 and read is not None
+
+    answers_nowait: ClassVar[bool] = False
+    """Whether this backend answers the ``*_nowait`` steps when nothing else uses it (memory, SQLite)."""
+
     def test_commit_is_settle(self, ledger: Ledger) -> None:
         a = Allowance("a", "a", limit_micros=1000)
         r = ledger.reserve([a], 600, 0, lease_seconds=LEASE, now=T0)

@@ -1,4 +1,5 @@
-"""An async caller's settlement awaits the ledger instead of blocking its event loop (Redis, SQLite in a thread)."""
+"""An async caller's ledger steps never block its event loop: they wait in a thread (Redis, a contended SQLite file),
+or run in place when they cannot wait (memory, an uncontended SQLite file)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import tokenbudget
 from tokenbudget.events import CallEvent
 from tokenbudget.ledger import MemoryLedger
 from tokenbudget.ledger.base import Allowance, Balance, Reservation
+from tokenbudget.ledger.sqlite import SQLiteLedger
 from tokenbudget.testing import Reply, StandInServer
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -33,6 +35,16 @@ class LoopWatchingLedger(MemoryLedger):
             self.sync_on_loop += 1
         except RuntimeError:
             pass
+
+    # It stands for a ledger whose steps would wait (Redis, a contended SQLite file), so it never answers in place.
+    def reserve_nowait(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def settle_and_read_nowait(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def balance_nowait(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
     def settle(self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *,
                now: float) -> bool:
@@ -125,3 +137,80 @@ async def test_a_first_encoding_load_waits_off_the_event_loop(monkeypatch: pytes
     assert not any("cannot load tiktoken encoding" in r.getMessage() for r in caplog.records)
     (event,) = ledger.events()
     assert event.status == "ok"
+
+
+class ThreadNotingSQLiteLedger(SQLiteLedger):
+    """The real SQLite ledger, noting on which thread each reserve and settle transaction ran."""
+
+    def __init__(self, path: Any) -> None:
+        super().__init__(path)
+        self.threads: list[tuple[str, int]] = []
+
+    def _reserve(self, conn: Any, *args: Any) -> Any:
+        self.threads.append(("reserve", threading.get_ident()))
+        return super()._reserve(conn, *args)
+
+    def _settle_and_read(self, conn: Any, *args: Any) -> Any:
+        self.threads.append(("settle", threading.get_ident()))
+        return super()._settle_and_read(conn, *args)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_async_calls_on_an_uncontended_sqlite_file_skip_the_thread_hops(
+    srv: StandInServer, async_openai_client: Any, tmp_path: Any, stream: bool
+) -> None:
+    """A local SQLite step takes tens of microseconds; two hops through asyncio.to_thread cost several times that.
+    With nothing else holding the file, both transactions run in place on the event loop's thread."""
+    ledger = ThreadNotingSQLiteLedger(tmp_path / "ledger.db")
+    tokenbudget.install(ledger=ledger, budget_usd=1)
+    srv.reply = Reply(input_tokens=10, output_tokens=3)
+    r = await async_openai_client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=stream)
+    if stream:
+        async for _ in r:
+            pass
+    loop_thread = threading.get_ident()
+    assert ledger.threads == [("reserve", loop_thread), ("settle", loop_thread)]
+    (event,) = ledger.events()
+    assert event.status == "ok" and event.input_tokens == 10
+
+
+async def test_a_sqlite_file_locked_by_another_process_is_waited_for_off_the_event_loop(
+    srv: StandInServer, async_openai_client: Any, tmp_path: Any
+) -> None:
+    """Another process's write transaction holds the file: the call's reserve waits in a worker thread (the loop
+    keeps ticking meanwhile), then goes out and is charged once the file is free."""
+    import asyncio
+    import sqlite3
+
+    ledger = ThreadNotingSQLiteLedger(tmp_path / "ledger.db")
+    tokenbudget.install(ledger=ledger, budget_usd=1)
+    srv.reply = Reply(input_tokens=10, output_tokens=3)
+    other = sqlite3.connect(str(tmp_path / "ledger.db"), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    tick_task = asyncio.create_task(ticker())
+    call = asyncio.create_task(async_openai_client.chat.completions.create(model="gpt-4o-mini", messages=MSG))
+    try:
+        await asyncio.sleep(0.4)
+        assert not call.done() and srv.requests == []  # nothing is sent before the reservation
+        assert ticks >= 10  # a loop stuck in SQLite's busy wait would not have ticked
+        other.execute("COMMIT")
+        await asyncio.wait_for(call, 10)
+    finally:
+        tick_task.cancel()
+        if other.in_transaction:
+            other.execute("ROLLBACK")
+        other.close()
+    loop_thread = threading.get_ident()
+    (kind, thread), *_ = ledger.threads
+    assert kind == "reserve" and thread != loop_thread
+    assert len(srv.requests) == 1
+    (event,) = ledger.events()
+    assert event.status == "ok" and event.cost_micros > 0

@@ -40,6 +40,8 @@ SPAWN = multiprocessing.get_context("spawn")
 
 
 class TestSQLiteLedger(LedgerContract):
+    answers_nowait = True
+
     @pytest.fixture
     def make_ledger(self, tmp_path: Path) -> Callable[[], Ledger]:
         return lambda: SQLiteLedger(tmp_path / "ledger.db")
@@ -848,6 +850,94 @@ def test_pruning_changes_no_balance_and_no_event(tmp_path: Path) -> None:
     assert list(pruning.events()) == list(keeping.events())
     pruning.close()
     keeping.close()
+
+
+# -- steps in place, for async callers ------------------------------------------------------------------------------
+def _pair_as_the_async_guard_does(led: SQLiteLedger, a: Allowance, now: float, tally: list[int]) -> None:
+    """A reserve and a settle as :class:`Guard` makes them for an async caller: at once if the ledger can, else the
+    waiting form (which ``asettle_and_read`` runs in a worker thread). ``tally`` counts [in place, waited]."""
+    r = led.reserve_nowait([a], 100, 10, lease_seconds=60, now=now)
+    if r is None:
+        tally[1] += 1
+        r = led.reserve([a], 100, 10, lease_seconds=60, now=now)
+    else:
+        tally[0] += 1
+    assert isinstance(r, Reservation)
+    done = led.settle_and_read_nowait(r, 40, 4, _event(0, 40, r.keys, now), now=now, allowances=[a])
+    if done is None:
+        tally[1] += 1
+        done = led.settle_and_read(r, 40, 4, _event(0, 40, r.keys, now), now=now, allowances=[a])
+    else:
+        tally[0] += 1
+    assert done[0] is True
+
+
+def test_in_place_steps_leave_checkpoints_and_pruning_to_a_thread(path: Path) -> None:
+    """The in-place connection never checkpoints (an fsync on the event loop); every 64th step goes the waiting
+    way, whose commit checkpoints when due, so the WAL stays near SQLite's own bound instead of growing by every
+    commit, and pruning still runs (on the waiting path, never in place)."""
+    led = SQLiteLedger(path, settled_ttl=10)
+    a = Allowance("k", "s", limit_micros=10**12)
+    tally = [0, 0]
+    wal = Path(str(path) + "-wal")
+    most_wal = most_rows = 0
+    for i in range(3000):
+        _pair_as_the_async_guard_does(led, a, T0 + i, tally)
+        if i % 100 == 99:
+            most_wal, most_rows = max(most_wal, wal.stat().st_size), max(most_rows, len(_rows(path)))
+    in_place, waited = tally
+    assert waited >= 6000 // (sqlite_mod._NOWAIT_RUN + 1) and in_place >= 6000 * 0.9, tally
+    checkpoint_bytes = 4_096_000  # wal_autocheckpoint in bytes (see SQLiteLedger._connect)
+    assert most_wal < 2 * checkpoint_bytes, most_wal  # 6,000 commits of ~4.5 KiB each would be ~27 MB
+    assert most_rows < 2 * sqlite_mod._PRUNE_EVERY, most_rows
+    assert led.balance(a, now=T0 + 3000).spent_micros == 40 * 3000
+    led.close()
+
+
+def test_a_write_lock_held_by_another_process_is_waited_for_in_a_thread(path: Path) -> None:
+    """busy_timeout is zero in place: a reserve that would wait answers None at once, having done nothing."""
+    led = SQLiteLedger(path, busy_timeout=5)
+    a = Allowance("k", "s", limit_micros=1000)
+    other = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        t0 = time.perf_counter()
+        assert led.reserve_nowait([a], 100, 1, lease_seconds=60, now=T0) is None
+        assert led.balance_nowait(a, now=T0) is not None  # WAL readers never wait for the writer
+        assert time.perf_counter() - t0 < 0.5
+        threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+        r = led.reserve([a], 100, 1, lease_seconds=60, now=T0)  # the waiting form waits it out
+        assert isinstance(r, Reservation)
+    finally:
+        if other.in_transaction:
+            time.sleep(0.5)
+        other.close()
+    assert led.balance(a, now=T0).reserved_micros == 100
+    r2 = led.reserve_nowait([a], 100, 1, lease_seconds=60, now=T0)  # the lock is free again: in place
+    assert isinstance(r2, Reservation)
+    led.close()
+
+
+def test_an_in_place_failure_is_a_ledger_error_and_leaves_nothing_half_done(path: Path) -> None:
+    led = SQLiteLedger(path)
+    a = Allowance("k", "s", limit_micros=1000)
+    r = led.reserve_nowait([a], 100, 1, lease_seconds=60, now=T0)
+    assert isinstance(r, Reservation)
+    real = led._settle_and_read
+
+    def broken(conn: sqlite3.Connection, *args: Any) -> Any:
+        real(conn, *args)  # the charge is written, then the disk fills before the commit
+        raise sqlite3.OperationalError("database or disk is full")
+
+    led._settle_and_read = broken  # type: ignore[method-assign]
+    with pytest.raises(LedgerError, match="disk is full"):
+        led.settle_and_read_nowait(r, 40, 1, _event(1, 40, r.keys), now=T0, allowances=[a])
+    del led._settle_and_read
+    bal = led.balance(a, now=T0)
+    assert (bal.spent_micros, bal.reserved_micros) == (0, 100) and list(led.events()) == []  # rolled back
+    assert led.settle_and_read_nowait(r, 40, 1, _event(1, 40, r.keys), now=T0, allowances=[a]) is not None
+    assert led.balance(a, now=T0).spent_micros == 40
+    led.close()
 
 
 def test_the_table_stays_bounded_over_many_calls(path: Path) -> None:

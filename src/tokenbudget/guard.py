@@ -272,10 +272,13 @@ class Guard:
         ask = next(gen)
         cancelled: BaseException | None = None
         while True:
-            # A ledger working in a thread may finish the reservation after the caller was cancelled: take its
-            # answer anyway, so no hold is orphaned, and give the hold back below (the request was never sent).
-            answer, caught = await self._through_cancel(self._aanswer(ask))
-            cancelled = cancelled or caught
+            # At once when the ledger need not wait (memory, an uncontended SQLite file): no thread, no task.
+            answer = self._answer_nowait(ask)
+            if answer is None:
+                # A ledger working in a thread may finish the reservation after the caller was cancelled: take its
+                # answer anyway, so no hold is orphaned, and give the hold back below (the request was never sent).
+                waited, caught = await self._through_cancel(self._aanswer(ask))
+                answer, cancelled = waited, cancelled or caught
             try:
                 ask = gen.send(answer)
             except StopIteration as stop:
@@ -299,6 +302,28 @@ class Guard:
                     ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
                 )
             return [self.ledger.balance(a, now=now) for a in ask.allowances]
+        except LedgerUnavailable:
+            raise
+        except LedgerError as exc:
+            raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) refused the reservation: {exc}") from exc
+
+    def _answer_nowait(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance] | None:
+        """``_answer`` if the ledger can give it without waiting (see :meth:`Ledger.reserve_nowait`), else None."""
+        if self._deferred:
+            self._settle_deferred()
+        now = self.clock.now()
+        try:
+            if isinstance(ask, _Reserve):
+                return self.ledger.reserve_nowait(
+                    ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
+                )
+            out: list[Balance] = []
+            for a in ask.allowances:
+                bal = self.ledger.balance_nowait(a, now=now)
+                if bal is None:
+                    return None
+                out.append(bal)
+            return out
         except LedgerUnavailable:
             raise
         except LedgerError as exc:
@@ -389,9 +414,22 @@ class Guard:
         self._finish(ticket, event, usage, cost, status, balances, duration, exc)
 
     async def _asettle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
+        settlement = self._settlement(ticket, usage, status)
+        event, record, cost, tokens, now, duration = settlement
+        wanted = self._balances_wanted(ticket)
+        try:
+            done = self.ledger.settle_and_read_nowait(
+                ticket.reservation, cost, tokens, record, now=now, allowances=wanted
+            )
+        except Exception:
+            self._settle_failed(ticket, cost, tokens, record, now)
+            done = (False, {})
+        if done is not None:
+            self._finish(ticket, event, usage, cost, status, done[1], duration, exc)
+            return
         # The answer is in hand, so the charge is owed: a cancel that lands while the ledger commits must not cut the
         # commit (or the span) short. Finish the settlement, then pass the cancel on to the caller.
-        _, cancelled = await self._through_cancel(self._asettle_now(ticket, usage, status, exc))
+        _, cancelled = await self._through_cancel(self._asettle_now(ticket, usage, status, exc, settlement, wanted))
         if cancelled is not None:
             raise cancelled
 
@@ -412,13 +450,14 @@ class Guard:
                 cancelled = caught
 
     async def _asettle_now(
-        self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None
+        self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None,
+        settlement: tuple[CallEvent, CallEvent | None, int, int, float, float], wanted: list[Allowance],
     ) -> None:
-        event, record, cost, tokens, now, duration = self._settlement(ticket, usage, status)
+        event, record, cost, tokens, now, duration = settlement
         balances: dict[str, Balance] = {}
         try:
             _, balances = await self.ledger.asettle_and_read(
-                ticket.reservation, cost, tokens, record, now=now, allowances=self._balances_wanted(ticket)
+                ticket.reservation, cost, tokens, record, now=now, allowances=wanted
             )
         except Exception:
             self._settle_failed(ticket, cost, tokens, record, now)

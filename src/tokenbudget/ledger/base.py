@@ -191,6 +191,29 @@ class Ledger(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
 
+    # -- without waiting: for async callers -------------------------------------------------------------------------
+    # An async guard first asks the ledger to do the step at once, on the event loop's own thread; only when that
+    # would mean waiting (a lock held by another thread or process, a network round trip) does it await the async
+    # form below, which runs the sync one in a worker thread. For a local store whose step takes microseconds, the
+    # two thread hops of ``asyncio.to_thread`` cost several times the step itself. The defaults never try.
+
+    def reserve_nowait(
+        self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
+    ) -> Reservation | Refusal | None:
+        """:meth:`reserve` done at once on the calling thread, or ``None`` (nothing done) if it would have to wait."""
+        return None
+
+    def settle_and_read_nowait(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
+        allowances: Sequence[Allowance],
+    ) -> tuple[bool, dict[str, Balance]] | None:
+        """:meth:`settle_and_read` done at once on the calling thread, or ``None`` (nothing done) if it would wait."""
+        return None
+
+    def balance_nowait(self, allowance: Allowance, *, now: float) -> Balance | None:
+        """:meth:`balance` read at once on the calling thread, or ``None`` if it would have to wait."""
+        return None
+
     async def areserve(
         self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
     ) -> Reservation | Refusal:

@@ -199,6 +199,21 @@ class MemoryLedger(Ledger):
             self._expire(now)
             return [r for r, _ in self._holds.values()]
 
+    # Every step is a few microseconds under a lock held only as long: never worth a thread, never waits long.
+    def reserve_nowait(
+        self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
+    ) -> Reservation | Refusal | None:
+        return self.reserve(allowances, micros, tokens, lease_seconds=lease_seconds, now=now)
+
+    def settle_and_read_nowait(
+        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
+        allowances: Sequence[Allowance],
+    ) -> tuple[bool, dict[str, Balance]] | None:
+        return self.settle_and_read(reservation, micros, tokens, event, now=now, allowances=allowances)
+
+    def balance_nowait(self, allowance: Allowance, *, now: float) -> Balance | None:
+        return self.balance(allowance, now=now)
+
     async def areserve(
         self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
     ) -> Reservation | Refusal:
