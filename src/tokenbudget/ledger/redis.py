@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -50,15 +51,13 @@ import ssl
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
-import redis.asyncio
-import redis.asyncio.retry
 import redis.exceptions
 from redis._parsers.base import BaseParser
 from redis.backoff import ExponentialBackoff
@@ -1025,52 +1024,6 @@ def _shutdown(sock: Any) -> None:
 
 
 # -- the ledger -------------------------------------------------------------------------------------------------------
-class _AsyncRunner:
-    """A private event loop, on its own daemon thread, that owns every redis.asyncio connection of one ledger.
-
-    asyncio connections belong to the loop that opened them. Pooling them per caller loop leaves sockets that can
-    never be closed once that loop is closed (every ``asyncio.run``, every test), so the callers' loops only ever
-    await a future here: they are never blocked, and ``close()`` can always shut the connections down properly.
-    The cost is one thread hop per call, small next to a network round trip.
-    """
-
-    def __init__(self, url: str, pool_kwargs: dict[str, Any]) -> None:
-        self.pid = os.getpid()
-        self.loop = asyncio.new_event_loop()
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, retry=redis.asyncio.retry.Retry(ExponentialBackoff(cap=0.05, base=0.005), 1), **pool_kwargs
-        )
-        self.client = redis.asyncio.Redis(connection_pool=pool)
-        self.reserve = self.client.register_script(_RESERVE)
-        self.settle = self.client.register_script(_SETTLE)
-        self.balance = self.client.register_script(_BALANCE)
-        self.thread = threading.Thread(target=self._run, name="tokenbudget-redis-async", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    async def call(self, make: Callable[[], Awaitable[_T]]) -> _T:
-        async def run() -> _T:
-            return await make()
-
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self.loop))
-
-    def close(self, timeout: float) -> None:
-        if self.pid != os.getpid():
-            return  # inherited across fork: the thread is not running here, and the sockets are the parent's
-        try:
-            closing = asyncio.run_coroutine_threadsafe(self.client.aclose(close_connection_pool=True), self.loop)
-            closing.result(timeout=timeout)
-        except Exception:  # pragma: no cover - best effort: the sockets die with the process anyway
-            log.debug("could not close the Redis ledger's async connections", exc_info=True)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=timeout)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-
 class RedisLedger(Ledger):
     """The fleet ledger: every machine pointed at one Redis shares every budget, exactly.
 
@@ -1155,8 +1108,8 @@ class RedisLedger(Ledger):
         self._reserve_lua = _Lua.of(_RESERVE)
         self._settle_lua = _Lua.of(_SETTLE)
         self._group: _GroupCommit | None = None
-        self._async: _AsyncRunner | None = None
         self._async_lock = threading.Lock()
+        self._executor: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
 
         self._plans: dict[tuple[Allowance, ...], _Plan] = {}
         self._meta: OrderedDict[str, list[list[str]]] = OrderedDict()
@@ -1241,15 +1194,6 @@ class RedisLedger(Ledger):
         try:
             out = call()
         except (redis.exceptions.RedisError, OSError) as exc:
-            raise self._fail(exc, doing) from exc
-        self._healthy()
-        return out
-
-    async def _arun(self, doing: str, call: Callable[[], Awaitable[_T]]) -> _T:
-        self._check_breaker(doing)
-        try:
-            out = await call()
-        except (redis.exceptions.RedisError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
             raise self._fail(exc, doing) from exc
         self._healthy()
         return out
@@ -1614,64 +1558,47 @@ class RedisLedger(Ledger):
         return group
 
     # -- async ------------------------------------------------------------------------------------------------------
-    def _runner(self) -> _AsyncRunner:
-        runner = self._async
-        if runner is None or runner.pid != os.getpid():
+    # An async caller's step runs the sync one in a worker thread of this ledger's own: it joins the group commit,
+    # pipelined with every other thread's calls on one connection, and keeps every fallback (spool, fail-open) of the
+    # sync path. A native asyncio client on a private loop thread cost more CPU per call (two event loops and
+    # redis-py's asyncio parser between the caller and the socket) and pipelined nothing. A pool of its own, not the
+    # loop's default executor: a Redis outage then ties up only these threads, each for at most the socket timeouts.
+    _ASYNC_WORKERS = 32
+
+    def _pool_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        held = self._executor
+        if held is None or held[0] != os.getpid():
             with self._async_lock:
-                runner = self._async
-                if runner is None or runner.pid != os.getpid():
-                    runner = self._async = _AsyncRunner(self._redis_url, self._pool_kwargs)
-        return runner
+                held = self._executor
+                if held is None or held[0] != os.getpid():  # a fresh one after a fork: the parent's threads are gone
+                    pool = concurrent.futures.ThreadPoolExecutor(self._ASYNC_WORKERS, "tokenbudget-redis")
+                    held = self._executor = (os.getpid(), pool)
+        return held[1]
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool_executor(), functools.partial(fn, *args, **kwargs))
 
     async def areserve(
         self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
     ) -> Reservation | Refusal:
-        runner = self._runner()
-        res, keys, args, meta = self._reserve_call(allowances, micros, tokens, lease_seconds, now)
-        try:
-            out = await self._arun("reserve", lambda: runner.call(lambda: runner.reserve(keys, args)))
-        except LedgerUnavailable:
-            if self.on_error == "open":
-                return self._remember(res, meta)
-            raise
-        return self._reserve_result(out, res, allowances, meta)
+        return await self._in_thread(self.reserve, allowances, micros, tokens, lease_seconds=lease_seconds, now=now)
 
     async def asettle(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
-        return (await self.asettle_and_read(reservation, micros, tokens, event, now=now, allowances=()))[0]
+        return await self._in_thread(self.settle, reservation, micros, tokens, event, now=now)
 
     async def asettle_and_read(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
         allowances: Sequence[Allowance],
     ) -> tuple[bool, dict[str, Balance]]:
         """:meth:`settle_and_read` without blocking the event loop; the same one round trip and spool fallback."""
-        runner = self._runner()
-        meta = self._meta_of(reservation)
-        payload = None if event is None else _event_json(event)
-        keys, args = self._settle_call(reservation.id, reservation.keys, meta, micros, tokens, reservation.expires_at,
-                                       payload, now, allowances)  # fmt: skip
-        try:
-            out = await self._arun("settle", lambda: runner.call(lambda: runner.settle(keys, args)))
-        except LedgerUnavailable:
-            done = await asyncio.to_thread(self._spool_settle, reservation, meta, micros, tokens, payload)
-            balances: dict[str, Balance] = {}
-        else:
-            done, balances = self._read_results(out, allowances) if allowances else (int(out) == 1, {})
-        self._forget(reservation.id)
-        return done, balances
+        return await self._in_thread(self.settle_and_read, reservation, micros, tokens, event, now=now,
+                                     allowances=allowances)
 
     async def abalance(self, allowance: Allowance, *, now: float) -> Balance:
-        """:meth:`balance` without blocking the event loop (the ABC has no async balance yet)."""
-        runner = self._runner()
-        keys, args = self._balance_call(allowance, now)
-        try:
-            out = await self._arun("reading a balance", lambda: runner.call(lambda: runner.balance(keys, args)))
-        except LedgerUnavailable:
-            if self.on_error == "open":
-                return Balance(allowance.key, allowance.scope, allowance.limit_micros, allowance.limit_tokens)
-            raise
-        return self._balance_result(out, allowance)
+        return await self._in_thread(self.balance, allowance, now=now)
 
     async def aclose(self) -> None:
         """:meth:`close` without blocking the event loop."""
@@ -1679,6 +1606,6 @@ class RedisLedger(Ledger):
 
     def _close_async(self) -> None:
         with self._async_lock:
-            runner, self._async = self._async, None
-        if runner is not None:
-            runner.close(self.socket_timeout + 1.0)
+            held, self._executor = self._executor, None
+        if held is not None and held[0] == os.getpid():
+            held[1].shutdown(wait=False)  # a step under way finishes on its own; nothing new is taken
