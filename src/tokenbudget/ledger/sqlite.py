@@ -661,8 +661,11 @@ class SQLiteLedger(Ledger):
                 else:
                     out = step(conn, *args)
             except sqlite3.Error as exc:
-                if _primary_code(exc) in (5, 6) and not conn.in_transaction:
-                    return None  # another process holds the file's write lock: wait for it in a thread
+                if _primary_code(exc) in (5, 6):  # another process holds the file: roll back, wait in a thread
+                    if conn.in_transaction:
+                        self._nowait_conn = None
+                        self._discard(conn)
+                    return None
                 self._nowait_conn = None
                 self._discard(conn)
                 raise self._fail(exc, doing) from exc
