@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import tokenbudget
+from ticker import Ticker
 from tokenbudget.events import CallEvent
 from tokenbudget.ledger import MemoryLedger
 from tokenbudget.ledger.base import Allowance, Balance, Reservation
@@ -67,15 +68,19 @@ class LoopWatchingLedger(MemoryLedger):
         return MemoryLedger.settle_and_read(self, reservation, micros, tokens, event, now=now, allowances=allowances)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-async def test_async_openai_settles_with_await(srv: StandInServer, async_openai_client: Any, stream: bool) -> None:
-    ledger = LoopWatchingLedger()
+async def _one_openai_call(ledger: Any, srv: StandInServer, client: Any, stream: bool) -> None:
     tokenbudget.install(ledger=ledger, budget_usd=1)
     srv.reply = Reply(input_tokens=10, output_tokens=3)
-    r = await async_openai_client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=stream)
+    r = await client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=stream)
     if stream:
         async for _ in r:
             pass
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_async_openai_settles_with_await(srv: StandInServer, async_openai_client: Any, stream: bool) -> None:
+    ledger = LoopWatchingLedger()
+    await _one_openai_call(ledger, srv, async_openai_client, stream)
     assert (ledger.async_settles, ledger.sync_on_loop) == (1, 0)
     (event,) = ledger.events()
     assert event.status == "ok" and event.input_tokens == 10
@@ -162,12 +167,7 @@ async def test_async_calls_on_an_uncontended_sqlite_file_skip_the_thread_hops(
     """A local SQLite step takes tens of microseconds; two hops through asyncio.to_thread cost several times that.
     With nothing else holding the file, both transactions run in place on the event loop's thread."""
     ledger = ThreadNotingSQLiteLedger(tmp_path / "ledger.db")
-    tokenbudget.install(ledger=ledger, budget_usd=1)
-    srv.reply = Reply(input_tokens=10, output_tokens=3)
-    r = await async_openai_client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=stream)
-    if stream:
-        async for _ in r:
-            pass
+    await _one_openai_call(ledger, srv, async_openai_client, stream)
     loop_thread = threading.get_ident()
     assert ledger.threads == [("reserve", loop_thread), ("settle", loop_thread)]
     (event,) = ledger.events()
@@ -187,24 +187,15 @@ async def test_a_sqlite_file_locked_by_another_process_is_waited_for_off_the_eve
     srv.reply = Reply(input_tokens=10, output_tokens=3)
     other = sqlite3.connect(str(tmp_path / "ledger.db"), isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    tick_task = asyncio.create_task(ticker())
     call = asyncio.create_task(async_openai_client.chat.completions.create(model="gpt-4o-mini", messages=MSG))
     try:
-        await asyncio.sleep(0.4)
+        async with Ticker() as ticker:
+            await asyncio.sleep(0.4)
         assert not call.done() and srv.requests == []  # nothing is sent before the reservation
-        assert ticks >= 10  # a loop stuck in SQLite's busy wait would not have ticked
+        assert ticker.ticks >= 10  # a loop stuck in SQLite's busy wait would not have ticked
         other.execute("COMMIT")
         await asyncio.wait_for(call, 10)
     finally:
-        tick_task.cancel()
         if other.in_transaction:
             other.execute("ROLLBACK")
         other.close()

@@ -42,6 +42,7 @@ from ledger_contract import (
     ledger_machine_test,
     run_children,
 )
+from ticker import Ticker
 from tokenbudget.clock import ManualClock
 from tokenbudget.config import Settings
 from tokenbudget.errors import LedgerError, LedgerUnavailable
@@ -1045,23 +1046,14 @@ async def test_async_calls_never_block_the_loop(own: Callable[..., RedisServer],
     settled = await asyncio.gather(*(led.asettle(r, 7, 0, None, now=T0) for r in results if isinstance(r, Reservation)))
     assert all(settled) and (await led.abalance(a, now=T0)).spent_micros == 700
 
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
     admin = redis.Redis(port=server.port)
     admin.client_pause(1000, all=True)
-    task = asyncio.create_task(ticker())
-    started = time.monotonic()
-    r = await led.areserve([Allowance("other", "other")], 1, 0, lease_seconds=60, now=T0)  # times out: fails open
-    waited = time.monotonic() - started
-    task.cancel()
+    async with Ticker() as ticker:
+        started = time.monotonic()
+        r = await led.areserve([Allowance("other", "other")], 1, 0, lease_seconds=60, now=T0)  # times out: fails open
+        waited = time.monotonic() - started
     assert isinstance(r, Reservation) and 0.3 < waited < 1.5
-    assert ticks >= 0.5 * waited / 0.01  # the loop kept running while Redis did not answer
+    assert ticker.ticks >= 0.5 * waited / 0.01  # the loop kept running while Redis did not answer
     assert await led.asettle(r, 1, 0, None, now=T0) is True  # to Redis, or to the spool if it is still paused
     await asyncio.to_thread(_wait_for_empty_spool, led)
     assert (await led.abalance(Allowance("other", "other"), now=T0)).spent_micros == 1

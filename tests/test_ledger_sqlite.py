@@ -918,41 +918,26 @@ def test_a_write_lock_held_by_another_process_is_waited_for_in_a_thread(path: Pa
     led.close()
 
 
-def test_busy_inside_an_in_place_transaction_rolls_back_and_leaves_it_to_the_thread(path: Path) -> None:
+@pytest.mark.parametrize("error", ["database is locked", "database or disk is full"])
+def test_an_in_place_failure_rolls_back_then_waits_or_is_a_ledger_error(path: Path, error: str) -> None:
+    """The charge is written, then the commit fails: nothing of it stays. Busy (another process) leaves the step to
+    the waiting path (None); anything else is the LedgerError a sync caller would get."""
     led = SQLiteLedger(path)
     a = Allowance("k", "s", limit_micros=1000)
     r = led.reserve_nowait([a], 100, 1, lease_seconds=60, now=T0)
     assert isinstance(r, Reservation)
     real = led._settle_and_read
 
-    def busy(conn: sqlite3.Connection, *args: Any) -> Any:
+    def failing(conn: sqlite3.Connection, *args: Any) -> Any:
         real(conn, *args)
-        raise sqlite3.OperationalError("database is locked")
+        raise sqlite3.OperationalError(error)
 
-    led._settle_and_read = busy  # type: ignore[method-assign]
-    assert led.settle_and_read_nowait(r, 40, 1, _event(1, 40, r.keys), now=T0, allowances=[a]) is None
-    del led._settle_and_read
-    bal = led.balance(a, now=T0)
-    assert (bal.spent_micros, bal.reserved_micros) == (0, 100) and list(led.events()) == []  # nothing half done
-    charged, _ = led.settle_and_read(r, 40, 1, _event(1, 40, r.keys), now=T0, allowances=[a])
-    assert charged is True and led.balance(a, now=T0).spent_micros == 40
-    led.close()
-
-
-def test_an_in_place_failure_is_a_ledger_error_and_leaves_nothing_half_done(path: Path) -> None:
-    led = SQLiteLedger(path)
-    a = Allowance("k", "s", limit_micros=1000)
-    r = led.reserve_nowait([a], 100, 1, lease_seconds=60, now=T0)
-    assert isinstance(r, Reservation)
-    real = led._settle_and_read
-
-    def broken(conn: sqlite3.Connection, *args: Any) -> Any:
-        real(conn, *args)  # the charge is written, then the disk fills before the commit
-        raise sqlite3.OperationalError("database or disk is full")
-
-    led._settle_and_read = broken  # type: ignore[method-assign]
-    with pytest.raises(LedgerError, match="disk is full"):
-        led.settle_and_read_nowait(r, 40, 1, _event(1, 40, r.keys), now=T0, allowances=[a])
+    led._settle_and_read = failing  # type: ignore[method-assign]
+    if "locked" in error:
+        assert led.settle_and_read_nowait(r, 40, 1, _event(1, 40, r.keys), now=T0, allowances=[a]) is None
+    else:
+        with pytest.raises(LedgerError, match="disk is full"):
+            led.settle_and_read_nowait(r, 40, 1, _event(1, 40, r.keys), now=T0, allowances=[a])
     del led._settle_and_read
     bal = led.balance(a, now=T0)
     assert (bal.spent_micros, bal.reserved_micros) == (0, 100) and list(led.events()) == []  # rolled back

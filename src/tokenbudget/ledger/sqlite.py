@@ -352,6 +352,16 @@ def _primary_code(exc: sqlite3.Error) -> int | None:
     return None
 
 
+def _in_transaction(conn: sqlite3.Connection, write: bool, step: Callable[..., _T], args: tuple[Any, ...]) -> _T:
+    """``step(conn, *args)``: a write in ``BEGIN IMMEDIATE`` ... ``COMMIT``, a read as one autocommit statement."""
+    if not write:
+        return step(conn, *args)
+    conn.execute("BEGIN IMMEDIATE")
+    out = step(conn, *args)
+    conn.execute("COMMIT")
+    return out
+
+
 class SQLiteLedger(Ledger):
     """The default ledger: one file per user, exact across every process on the machine.
 
@@ -617,12 +627,7 @@ class SQLiteLedger(Ledger):
         try:
             conn = self._checkout()
             try:
-                if write:
-                    conn.execute("BEGIN IMMEDIATE")
-                    out = step(conn, *args)
-                    conn.execute("COMMIT")
-                else:
-                    out = step(conn, *args)
+                out = _in_transaction(conn, write, step, args)
             except sqlite3.Error as exc:
                 self._discard(conn)
                 raise self._fail(exc, doing) from exc
@@ -654,12 +659,7 @@ class SQLiteLedger(Ledger):
             if conn is None:
                 conn = self._nowait_conn = self._connect_nowait()
             try:
-                if write:
-                    conn.execute("BEGIN IMMEDIATE")
-                    out = step(conn, *args)
-                    conn.execute("COMMIT")
-                else:
-                    out = step(conn, *args)
+                out = _in_transaction(conn, write, step, args)
             except sqlite3.Error as exc:
                 if _primary_code(exc) in (5, 6):  # another process holds the file: roll back, wait in a thread
                     if conn.in_transaction:
