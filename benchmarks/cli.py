@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     v = results["meta"]["versions"]
     print(f"\n{m['nproc']} CPUs, {m['cpu']}, Python {m['python']}; openai {v.get('openai')}, "
           f"anthropic {v.get('anthropic')}; load average at start {m['loadavg_at_start']}; "
-          f"{results['meta']['seconds']} s")
+          f"speed probe sum(range(1000)) {m.get('speed_probe_us')} µs; {results['meta']['seconds']} s")
     if args.json:
         Path(args.json).write_text(json.dumps(_clean(results), indent=1, default=str, allow_nan=False))
     return 0

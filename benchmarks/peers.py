@@ -43,9 +43,10 @@ PEERS: tuple[Peer, ...] = (
          "OpenTelemetry official GenAI instrumentations (genai-openai + genai-anthropic)", ("openai", "anthropic"),
          pre=True),
     # 2.4b0 imports httpx (openai 3.x moved to httpx2) and opentelemetry.util.genai.instruments (gone in
-    # opentelemetry-util-genai 1.2b0), and declares neither: both are pinned here so that it imports at all.
+    # opentelemetry-util-genai 1.2b0), and declares neither: both are pinned here so that it imports at all. httpx
+    # below 1: this venv installs pre-releases, and httpx 1.0.dev6 has no `Timeout`, which openai's httpx2 shim reads.
     Peer("otel-openai-v2", "otelv2",
-         ("opentelemetry-instrumentation-openai-v2", "opentelemetry-util-genai==1.1b0", "httpx"),
+         ("opentelemetry-instrumentation-openai-v2", "opentelemetry-util-genai==1.1b0", "httpx<1"),
          "opentelemetry-instrumentation-openai-v2 (the official OpenAI instrumentation's older name; needs httpx and "
          "opentelemetry-util-genai 1.1b0 added by hand)", ("openai",), pre=True),
     Peer("logfire", "logfire", ("logfire",), "pydantic logfire instrument_openai() / instrument_anthropic()",
