@@ -38,6 +38,8 @@ def test_quick_run_reports_every_section(tmp_path: Path) -> None:
     sections = data["sections"]
     assert set(SECTIONS) <= set(sections), sorted(sections)
     assert data["meta"]["machine"]["nproc"] >= 1
+    probe = data["meta"]["machine"]["speed_probe_us"]  # tells machine changes from code changes across runs
+    assert isinstance(probe, float) and 0 < probe < 10_000 and f"sum(range(1000)) {probe} µs" in proc.stdout
     assert data["meta"]["versions"]["openai"] and data["meta"]["versions"]["anthropic"]
 
     for name in ("calls", "chunks", "estimate", "ledger", "startup"):
