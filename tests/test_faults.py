@@ -643,6 +643,23 @@ async def test_locked_ledger_refuses_before_sending(sqlite_guard: tokenbudget.Gu
     assert [e.cost_micros for e in events] == [vendor.cost(IN, OUT)] * 2
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_refused_reservation_shows_on_the_span_as_the_error_the_caller_got(
+    otel: Any, sqlite_guard: tokenbudget.Guard, srv: StandInServer, mode: str
+) -> None:
+    """The span of a call the ledger could not reserve for is ended with that error, not with the GeneratorExit of
+    the abandoned negotiation (which it used to show when the ledger failed mid-negotiation)."""
+    g = sqlite_guard
+    assert isinstance(g.ledger, SQLiteLedger)
+    otel.exporter.clear()
+    with write_locked(g.ledger.path), pytest.raises(tokenbudget.LedgerUnavailable):
+        await call(OPENAI, srv, mode)
+    (span,) = otel.spans()
+    assert span.attributes["error.type"] == "LedgerUnavailable"
+    assert span.attributes["tokenbudget.status"] == "denied" and span.status.status_code.name == "ERROR"
+    assert srv.requests == []
+
+
 @pytest.mark.parametrize("then", ["next-call", "uninstall"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("vendor", VENDORS)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .budget import active_function_allowances, rule_for_function_allowance
 from .calls import CallRequest, Usage
@@ -259,7 +259,10 @@ class Guard:
         gen = self._negotiate(request)
         ask = next(gen)
         while True:
-            answer = self._answer(ask)
+            try:
+                answer = self._answer(ask)
+            except BaseException as exc:
+                _fail_negotiation(gen, exc)
             try:
                 ask = gen.send(answer)
             except StopIteration as stop:
@@ -272,13 +275,16 @@ class Guard:
         ask = next(gen)
         cancelled: BaseException | None = None
         while True:
-            # At once when the ledger need not wait (memory, an uncontended SQLite file): no thread, no task.
-            answer = self._answer_nowait(ask)
-            if answer is None:
-                # A ledger working in a thread may finish the reservation after the caller was cancelled: take its
-                # answer anyway, so no hold is orphaned, and give the hold back below (the request was never sent).
-                waited, caught = await self._through_cancel(self._aanswer(ask))
-                answer, cancelled = waited, cancelled or caught
+            try:
+                # At once when the ledger need not wait (memory, an uncontended SQLite file): no thread, no task.
+                answer = self._answer_nowait(ask)
+                if answer is None:
+                    # A ledger working in a thread may finish the reservation after the caller was cancelled: take its
+                    # answer anyway, so no hold is orphaned, and give the hold back below (the request was never sent).
+                    waited, caught = await self._through_cancel(self._aanswer(ask))
+                    answer, cancelled = waited, cancelled or caught
+            except BaseException as exc:
+                _fail_negotiation(gen, exc)
             try:
                 ask = gen.send(answer)
             except StopIteration as stop:
@@ -593,6 +599,14 @@ class Guard:
     def close(self) -> None:
         self.settle_deferred()
         self.ledger.close()
+
+
+def _fail_negotiation(gen: Generator[Any, Any, Any], exc: BaseException) -> NoReturn:
+    """The ledger failed while the negotiation waited for its answer: raise that error inside the negotiation, which
+    ends the call's span with it and re-raises it to the caller. (Left suspended, the negotiation ended the span only
+    when collected, as a ``GeneratorExit``; an async caller's traceback could keep it, and the span, alive.)"""
+    gen.throw(exc)
+    raise exc  # pragma: no cover - the negotiation re-raises what it is thrown
 
 
 def _rule_for(allowance: Allowance, matches: Sequence[RuleMatch]) -> BudgetRule | None:
