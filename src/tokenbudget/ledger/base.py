@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Iterator, Sequence
+import concurrent.futures
+import contextvars
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from ..events import CallEvent
+
+_T = TypeVar("_T")
 
 __all__ = ["Allowance", "Balance", "Grant", "Ledger", "Refusal", "Reservation"]
 
@@ -214,24 +220,34 @@ class Ledger(abc.ABC):
         """:meth:`balance` read at once on the calling thread, or ``None`` if it would have to wait."""
         return None
 
+    def _async_executor(self) -> concurrent.futures.Executor | None:
+        """Where the async forms below run the sync steps: the event loop's default executor (``None``), unless a
+        ledger whose steps can wait long (a network store during an outage) keeps a pool of its own."""
+        return None
+
+    async def _in_thread(self, step: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``step(*args, **kwargs)`` in a worker thread, with the caller's context, as ``asyncio.to_thread`` does."""
+        run = functools.partial(contextvars.copy_context().run, step, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._async_executor(), run)
+
     async def areserve(
         self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
     ) -> Reservation | Refusal:
-        return await asyncio.to_thread(self.reserve, allowances, micros, tokens, lease_seconds=lease_seconds, now=now)
+        return await self._in_thread(self.reserve, allowances, micros, tokens, lease_seconds=lease_seconds, now=now)
 
     async def abalance(self, allowance: Allowance, *, now: float) -> Balance:
-        return await asyncio.to_thread(self.balance, allowance, now=now)
+        return await self._in_thread(self.balance, allowance, now=now)
 
     async def asettle(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
     ) -> bool:
-        return await asyncio.to_thread(self.settle, reservation, micros, tokens, event, now=now)
+        return await self._in_thread(self.settle, reservation, micros, tokens, event, now=now)
 
     async def asettle_and_read(
         self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
         allowances: Sequence[Allowance],
     ) -> tuple[bool, dict[str, Balance]]:
-        return await asyncio.to_thread(
+        return await self._in_thread(
             self.settle_and_read, reservation, micros, tokens, event, now=now, allowances=allowances
         )
 

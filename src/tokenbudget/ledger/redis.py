@@ -1558,14 +1558,15 @@ class RedisLedger(Ledger):
         return group
 
     # -- async ------------------------------------------------------------------------------------------------------
-    # An async caller's step runs the sync one in a worker thread of this ledger's own: it joins the group commit,
+    # The async forms are the base class's: the sync step in a worker thread, which joins the group commit,
     # pipelined with every other thread's calls on one connection, and keeps every fallback (spool, fail-open) of the
     # sync path. A native asyncio client on a private loop thread cost more CPU per call (two event loops and
-    # redis-py's asyncio parser between the caller and the socket) and pipelined nothing. A pool of its own, not the
-    # loop's default executor: a Redis outage then ties up only these threads, each for at most the socket timeouts.
+    # redis-py's asyncio parser between the caller and the socket) and pipelined nothing. The threads are a pool of
+    # this ledger's own, not the loop's default executor: a Redis outage then ties up only these, each for at most
+    # the socket timeouts.
     _ASYNC_WORKERS = 32
 
-    def _pool_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _async_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         held = self._executor
         if held is None or held[0] != os.getpid():
             with self._async_lock:
@@ -1574,31 +1575,6 @@ class RedisLedger(Ledger):
                     pool = concurrent.futures.ThreadPoolExecutor(self._ASYNC_WORKERS, "tokenbudget-redis")
                     held = self._executor = (os.getpid(), pool)
         return held[1]
-
-    async def _in_thread(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool_executor(), functools.partial(fn, *args, **kwargs))
-
-    async def areserve(
-        self, allowances: Sequence[Allowance], micros: int, tokens: int, *, lease_seconds: float, now: float
-    ) -> Reservation | Refusal:
-        return await self._in_thread(self.reserve, allowances, micros, tokens, lease_seconds=lease_seconds, now=now)
-
-    async def asettle(
-        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float
-    ) -> bool:
-        return await self._in_thread(self.settle, reservation, micros, tokens, event, now=now)
-
-    async def asettle_and_read(
-        self, reservation: Reservation, micros: int, tokens: int, event: CallEvent | None, *, now: float,
-        allowances: Sequence[Allowance],
-    ) -> tuple[bool, dict[str, Balance]]:
-        """:meth:`settle_and_read` without blocking the event loop; the same one round trip and spool fallback."""
-        return await self._in_thread(self.settle_and_read, reservation, micros, tokens, event, now=now,
-                                     allowances=allowances)
-
-    async def abalance(self, allowance: Allowance, *, now: float) -> Balance:
-        return await self._in_thread(self.balance, allowance, now=now)
 
     async def aclose(self) -> None:
         """:meth:`close` without blocking the event loop."""
