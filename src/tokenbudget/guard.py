@@ -46,6 +46,10 @@ BudgetListener = Callable[[CallEvent, tuple[Allowance, ...], Mapping[str, Balanc
 and their balances right after the call (by allowance key, for the limited ones), so listeners need not re-read."""
 
 
+_Settlement = tuple[CallEvent, "CallEvent | None", int, int, float, float]
+"""What :meth:`Guard._settlement` works out: the event, the event to record (or None), cost, tokens, now, duration."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Reserve:
     allowances: tuple[Allowance, ...]
@@ -409,33 +413,34 @@ class Guard:
 
     # -- after -------------------------------------------------------------------------------------------------
     def _settle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
-        event, record, cost, tokens, now, duration = self._settlement(ticket, usage, status)
-        balances: dict[str, Balance] = {}
-        try:
-            _, balances = self.ledger.settle_and_read(
-                ticket.reservation, cost, tokens, record, now=now, allowances=self._balances_wanted(ticket)
-            )
-        except Exception:
-            self._settle_failed(ticket, cost, tokens, record, now)
-        self._finish(ticket, event, usage, cost, status, balances, duration, exc)
-
-    async def _asettle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
         settlement = self._settlement(ticket, usage, status)
+        self._settle_by(self.ledger.settle_and_read, ticket, usage, status, exc, settlement)
+
+    def _settle_by(
+        self, step: Callable[..., tuple[bool, dict[str, Balance]] | None], ticket: Ticket, usage: Usage | None,
+        status: str, exc: BaseException | None, settlement: _Settlement,
+    ) -> bool:
+        """Charge ``settlement`` with the sync ``step`` (``settle_and_read`` or its nowait form), then end the span and
+        tell the listeners. False, with nothing done, when the nowait form says it would wait. A ledger that fails
+        leaves the charge to be retried (see :meth:`settle_deferred`); the span and listeners still get the call."""
         event, record, cost, tokens, now, duration = settlement
-        wanted = self._balances_wanted(ticket)
         try:
-            done = self.ledger.settle_and_read_nowait(
-                ticket.reservation, cost, tokens, record, now=now, allowances=wanted
-            )
+            done = step(ticket.reservation, cost, tokens, record, now=now, allowances=self._balances_wanted(ticket))
         except Exception:
             self._settle_failed(ticket, cost, tokens, record, now)
             done = (False, {})
-        if done is not None:
-            self._finish(ticket, event, usage, cost, status, done[1], duration, exc)
+        if done is None:
+            return False
+        self._finish(ticket, event, usage, cost, status, done[1], duration, exc)
+        return True
+
+    async def _asettle(self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None) -> None:
+        settlement = self._settlement(ticket, usage, status)
+        if self._settle_by(self.ledger.settle_and_read_nowait, ticket, usage, status, exc, settlement):
             return
         # The answer is in hand, so the charge is owed: a cancel that lands while the ledger commits must not cut the
         # commit (or the span) short. Finish the settlement, then pass the cancel on to the caller.
-        _, cancelled = await self._through_cancel(self._asettle_now(ticket, usage, status, exc, settlement, wanted))
+        _, cancelled = await self._through_cancel(self._asettle_now(ticket, usage, status, exc, settlement))
         if cancelled is not None:
             raise cancelled
 
@@ -456,14 +461,13 @@ class Guard:
                 cancelled = caught
 
     async def _asettle_now(
-        self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None,
-        settlement: tuple[CallEvent, CallEvent | None, int, int, float, float], wanted: list[Allowance],
+        self, ticket: Ticket, usage: Usage | None, status: str, exc: BaseException | None, settlement: _Settlement
     ) -> None:
         event, record, cost, tokens, now, duration = settlement
         balances: dict[str, Balance] = {}
         try:
             _, balances = await self.ledger.asettle_and_read(
-                ticket.reservation, cost, tokens, record, now=now, allowances=wanted
+                ticket.reservation, cost, tokens, record, now=now, allowances=self._balances_wanted(ticket)
             )
         except Exception:
             self._settle_failed(ticket, cost, tokens, record, now)
@@ -495,9 +499,7 @@ class Guard:
             event, tuple(m.allowance for m in ticket.matches), balances
         )
 
-    def _settlement(
-        self, ticket: Ticket, usage: Usage | None, status: str
-    ) -> tuple[CallEvent, CallEvent | None, int, int, float, float]:
+    def _settlement(self, ticket: Ticket, usage: Usage | None, status: str) -> _Settlement:
         """What a settled call costs and the event that records it (pure: no ledger, no telemetry)."""
         cost = 0 if usage is None else self.prices.cost_micros(ticket.price, usage)
         tokens = 0 if usage is None else usage.total_tokens
