@@ -266,7 +266,7 @@ class Guard:
             try:
                 answer = self._answer(ask)
             except BaseException as exc:
-                _fail_negotiation(gen, exc)
+                self._fail_negotiation(gen, exc)
             try:
                 ask = gen.send(answer)
             except StopIteration as stop:
@@ -288,7 +288,7 @@ class Guard:
                     waited, caught = await self._through_cancel(self._aanswer(ask))
                     answer, cancelled = waited, cancelled or caught
             except BaseException as exc:
-                _fail_negotiation(gen, exc)
+                self._fail_negotiation(gen, exc)
             try:
                 ask = gen.send(answer)
             except StopIteration as stop:
@@ -306,53 +306,50 @@ class Guard:
         if self._deferred:
             self._settle_deferred()
         now = self.clock.now()
-        try:
-            if isinstance(ask, _Reserve):
-                return self.ledger.reserve(
-                    ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
-                )
-            return [self.ledger.balance(a, now=now) for a in ask.allowances]
-        except LedgerUnavailable:
-            raise
-        except LedgerError as exc:
-            raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) refused the reservation: {exc}") from exc
+        if isinstance(ask, _Reserve):
+            return self.ledger.reserve(
+                ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
+            )
+        return [self.ledger.balance(a, now=now) for a in ask.allowances]
 
     def _answer_nowait(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance] | None:
         """``_answer`` if the ledger can give it without waiting (see :meth:`Ledger.reserve_nowait`), else None."""
         if self._deferred:
             self._settle_deferred()
         now = self.clock.now()
-        try:
-            if isinstance(ask, _Reserve):
-                return self.ledger.reserve_nowait(
-                    ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
-                )
-            out: list[Balance] = []
-            for a in ask.allowances:
-                bal = self.ledger.balance_nowait(a, now=now)
-                if bal is None:
-                    return None
-                out.append(bal)
-            return out
-        except LedgerUnavailable:
-            raise
-        except LedgerError as exc:
-            raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) refused the reservation: {exc}") from exc
+        if isinstance(ask, _Reserve):
+            return self.ledger.reserve_nowait(
+                ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
+            )
+        out: list[Balance] = []
+        for a in ask.allowances:
+            bal = self.ledger.balance_nowait(a, now=now)
+            if bal is None:
+                return None
+            out.append(bal)
+        return out
+
+    def _fail_negotiation(self, gen: Generator[Any, Any, Any], exc: BaseException) -> NoReturn:
+        """The ledger failed while the negotiation waited for its answer: raise the caller's error inside the
+        negotiation, which ends the call's span with it and re-raises it. (Left suspended, the negotiation ended the
+        span only when collected, as a ``GeneratorExit``; an async caller's traceback could keep it, and the span,
+        alive.) The one place a ledger's own error becomes :class:`LedgerUnavailable` for every ledger step."""
+        if isinstance(exc, LedgerError) and not isinstance(exc, LedgerUnavailable):
+            error = LedgerUnavailable(f"the budget ledger ({self.ledger.url}) refused the reservation: {exc}")
+            error.__cause__, error.__suppress_context__ = exc, True
+            exc = error
+        gen.throw(exc)
+        raise exc  # pragma: no cover - the negotiation re-raises what it is thrown
 
     async def _aanswer(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance]:
         if self._deferred:
             self._settle_deferred()
         now = self.clock.now()
-        try:
-            if isinstance(ask, _Reserve):
-                return await self.ledger.areserve(
-                    ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
-                )
-            return [await self.ledger.abalance(a, now=now) for a in ask.allowances]
-        except LedgerUnavailable:
-            raise
-        except LedgerError as exc:
-            raise LedgerUnavailable(f"the budget ledger ({self.ledger.url}) refused the reservation: {exc}") from exc
+        if isinstance(ask, _Reserve):
+            return await self.ledger.areserve(
+                ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
+            )
+        return [await self.ledger.abalance(a, now=now) for a in ask.allowances]
 
     # -- policies ----------------------------------------------------------------------------------------------
     def _target(self, model: str) -> DowngradeTarget | None:
@@ -601,14 +598,6 @@ class Guard:
     def close(self) -> None:
         self.settle_deferred()
         self.ledger.close()
-
-
-def _fail_negotiation(gen: Generator[Any, Any, Any], exc: BaseException) -> NoReturn:
-    """The ledger failed while the negotiation waited for its answer: raise that error inside the negotiation, which
-    ends the call's span with it and re-raises it to the caller. (Left suspended, the negotiation ended the span only
-    when collected, as a ``GeneratorExit``; an async caller's traceback could keep it, and the span, alive.)"""
-    gen.throw(exc)
-    raise exc  # pragma: no cover - the negotiation re-raises what it is thrown
 
 
 def _rule_for(allowance: Allowance, matches: Sequence[RuleMatch]) -> BudgetRule | None:
