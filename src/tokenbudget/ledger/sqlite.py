@@ -661,13 +661,12 @@ class SQLiteLedger(Ledger):
             try:
                 out = _in_transaction(conn, write, step, args)
             except sqlite3.Error as exc:
-                if _primary_code(exc) in (5, 6):  # another process holds the file: roll back, wait in a thread
-                    if conn.in_transaction:
-                        self._nowait_conn = None
-                        self._discard(conn)
+                busy = _primary_code(exc) in (5, 6)  # another process holds the file: wait for it in a thread
+                if not busy or conn.in_transaction:  # a connection that only found the file locked is kept
+                    self._nowait_conn = None
+                    self._discard(conn)
+                if busy:
                     return None
-                self._nowait_conn = None
-                self._discard(conn)
                 raise self._fail(exc, doing) from exc
             except BaseException:
                 self._nowait_conn = None
