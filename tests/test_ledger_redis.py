@@ -331,11 +331,17 @@ def test_tls_rediss_url(own: Callable[..., RedisServer], tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"key_prefix": "a{b"}, {"key_prefix": ""}, {"on_error": "maybe"}, {"socket_timeout": 0}]
-)
+    "kwargs",
+    [
+        {"key_prefix": "a{b"}, {"key_prefix": ""}, {"on_error": "maybe"}, {"socket_timeout": 0},
+        {"window_grace": -1}, {"events_maxlen": 0}, {"events_maxlen": None}, {"max_connections": 0},
+    ],
+)  # fmt: skip
 def test_bad_settings_are_config_errors(redis_url: str, kwargs: dict[str, Any]) -> None:
-    with pytest.raises(tokenbudget.ConfigError):
+    with pytest.raises(tokenbudget.ConfigError) as caught:
         RedisLedger(redis_url, **kwargs)
+    if "window_grace" in kwargs or "events_maxlen" in kwargs:  # checked as the other ledgers check them
+        assert caught.value.key == next(iter(kwargs))
 
 
 # -- layout, cluster slot, retention ----------------------------------------------------------------------------------

@@ -13,10 +13,12 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..errors import ConfigError
 from ..events import CallEvent
 
 _T = TypeVar("_T")
@@ -116,6 +118,24 @@ def fits(balance: Balance, micros: int, tokens: int) -> bool:
         balance.limit_tokens is not None
         and balance.spent_tokens + balance.reserved_tokens + tokens > balance.limit_tokens
     )
+
+
+def check_retention(window_grace: float, events_maxlen: int | None) -> None:
+    """The retention settings every built-in ledger takes, checked alike (a :class:`ConfigError` naming the one)."""
+    if not (isinstance(window_grace, (int, float)) and 0 <= window_grace < math.inf):
+        raise ConfigError(
+            f"must be a finite number of seconds >= 0 (how long an ended window's account is kept), got "
+            f"{window_grace!r}",
+            key="window_grace",
+        )
+    if events_maxlen is not None and (
+        not isinstance(events_maxlen, int) or isinstance(events_maxlen, bool) or events_maxlen < 1
+    ):
+        raise ConfigError(
+            f"must be a whole number >= 1 (about how many of the newest events are kept), or None to keep them all; "
+            f"got {events_maxlen!r}",
+            key="events_maxlen",
+        )
 
 
 class Ledger(abc.ABC):

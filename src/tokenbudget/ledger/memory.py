@@ -11,9 +11,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..events import CallEvent
-from .base import Allowance, Balance, Grant, Ledger, Refusal, Reservation, effective_limits, fits
+from .base import Allowance, Balance, Grant, Ledger, Refusal, Reservation, check_retention, effective_limits, fits
 
 __all__ = ["MemoryLedger"]
+
+_SWEEP_EVERY = 60.0  # seconds of ledger time between two looks for ended windows
 
 
 @dataclass(slots=True)
@@ -23,6 +25,7 @@ class _Account:
     reserved_micros: int = 0
     spent_tokens: int = 0
     reserved_tokens: int = 0
+    window_end: float | None = None
 
 
 class MemoryLedger(Ledger):
@@ -31,15 +34,25 @@ class MemoryLedger(Ledger):
     nothing. Forgetting it keeps a long-running process's memory flat (one id per call otherwise); the price is that
     a settle repeated later is taken for a first one and charged, so the retention must exceed any window in which a
     settle can be repeated. The guard repeats only its own retries of refused settles, on its next reservation or
-    at close, far inside a day. Age is judged by the ``now`` the settles pass. Events are kept."""
+    at close, far inside a day. Age is judged by the ``now`` the settles pass.
+
+    For the same reason ``window_grace`` (default 7 days, as the other ledgers) after a window ends its account is
+    dropped once nothing is held on it (looked for at most once a minute of that time, one pass over the accounts),
+    and ``events_maxlen`` (default ``None``: all kept) keeps about that many of the newest events."""
 
     async_in_place = True
 
-    def __init__(self, *, settled_ttl: float = 86_400.0) -> None:
+    def __init__(
+        self, *, settled_ttl: float = 86_400.0, window_grace: float = 7 * 86_400.0, events_maxlen: int | None = None
+    ) -> None:
         if not settled_ttl > 0:
             raise ValueError("settled_ttl must be > 0 seconds")
+        check_retention(window_grace, events_maxlen)
         self.url = "memory://"
         self.settled_ttl = float(settled_ttl)
+        self.window_grace = float(window_grace)
+        self.events_maxlen = events_maxlen
+        self._next_sweep = -math.inf  # no ended window is looked for before this
         self._lock = threading.Lock()
         self._accounts: dict[str, _Account] = {}
         self._holds: dict[str, tuple[Reservation, float]] = {}
@@ -53,11 +66,24 @@ class MemoryLedger(Ledger):
         self._grants: list[Grant] = []
 
     # -- internals (lock held) -------------------------------------------------------------------------------
-    def _account(self, key: str, scope: str) -> _Account:
-        acct = self._accounts.get(key)
+    def _account(self, allowance: Allowance) -> _Account:
+        acct = self._accounts.get(allowance.key)
         if acct is None:
-            acct = self._accounts[key] = _Account(scope)
+            acct = self._accounts[allowance.key] = _Account(allowance.scope, window_end=allowance.window_end)
         return acct
+
+    def _sweep_ended(self, now: float) -> None:
+        """Drop the accounts of windows that ended ``window_grace`` before ``now`` with nothing held on them."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_EVERY
+        cutoff = now - self.window_grace
+        ended = [
+            key for key, a in self._accounts.items()
+            if a.window_end is not None and a.window_end < cutoff and not a.reserved_micros and not a.reserved_tokens
+        ]  # fmt: skip
+        for key in ended:
+            del self._accounts[key]
 
     def _expire(self, now: float) -> None:
         if now < self._next_expiry:
@@ -103,6 +129,10 @@ class MemoryLedger(Ledger):
         else:
             self._event_times.append(event.time)
             self._events.append(event)
+        cap = self.events_maxlen
+        if cap is not None and len(self._events) > cap + cap // 16:  # trimmed in steps: O(1) per event on average
+            del self._events[: len(self._events) - cap]
+            del self._event_times[: len(self._event_times) - cap]
 
     # -- Ledger ------------------------------------------------------------------------------------------------
     def reserve(
@@ -118,7 +148,7 @@ class MemoryLedger(Ledger):
             keys = tuple(a.key for a in allowances)
             res = Reservation(os.urandom(16).hex(), keys, micros, tokens, now + lease_seconds)
             for a in allowances:
-                acct = self._account(a.key, a.scope)
+                acct = self._account(a)
                 acct.reserved_micros += micros
                 acct.reserved_tokens += tokens
             self._holds[res.id] = (res, res.expires_at)
@@ -159,6 +189,7 @@ class MemoryLedger(Ledger):
             acct.spent_tokens += tokens
         if event is not None:
             self._record(event)
+        self._sweep_ended(now)
         return True
 
     def balance(self, allowance: Allowance, *, now: float) -> Balance:

@@ -65,7 +65,7 @@ from redis.retry import Retry
 
 from ..errors import ConfigError, LedgerError, LedgerUnavailable
 from ..events import CallEvent
-from .base import Allowance, Balance, Grant, Ledger, Refusal, Reservation, effective_limits
+from .base import Allowance, Balance, Grant, Ledger, Refusal, Reservation, check_retention, effective_limits
 
 __all__ = ["RedisLedger"]
 
@@ -1056,8 +1056,11 @@ class RedisLedger(Ledger):
         for name, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
             if not value > 0:
                 raise ConfigError(f"{name} must be > 0 seconds (an unbounded wait could hang every call)")
-        if events_maxlen < 1 or max_connections < 1 or window_grace < 0 or settled_ttl <= 0:
-            raise ConfigError("events_maxlen and max_connections must be >= 1, window_grace >= 0, settled_ttl > 0")
+        check_retention(window_grace, events_maxlen)
+        if events_maxlen is None:
+            raise ConfigError("Redis holds events in memory: give a number (default 1,000,000)", key="events_maxlen")
+        if max_connections < 1 or settled_ttl <= 0:
+            raise ConfigError("max_connections must be >= 1 and settled_ttl > 0")
         self.url = target.redacted
         self.key_prefix = prefix
         self.on_error: OnError = "open" if on_error == "open" else "closed"

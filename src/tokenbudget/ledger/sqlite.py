@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from ..errors import LedgerError
 from ..events import CallEvent
-from .base import Allowance, Balance, Grant, Ledger, Refusal, Reservation, effective_limits
+from .base import Allowance, Balance, Grant, Ledger, Refusal, Reservation, check_retention, effective_limits
 
 _T = TypeVar("_T")
 
@@ -156,6 +156,10 @@ _PAGE_SIZE = 1024
 _PRUNE_EVERY = 256
 _PRUNE_SCAN = 1024
 _PRUNE_WHERE = "AND state != 'held' AND expires_at < ? AND (settled_at IS NULL OR settled_at < ?)"
+_ENDED_WHERE = "AND window_end < ? AND reserved_micros = 0 AND reserved_tokens = 0"  # NULL (a total) never ends
+# Events deleted by one prune at most, so a cap set on a file with millions of events catches up over a few hundred
+# prunes instead of holding the write lock for one long delete (a prune comes every 256 settles: this outruns them).
+_EVENT_TRIM = 4 * _PRUNE_SCAN
 # Async callers' steps run in place on one connection that never waits and never checkpoints (a checkpoint fsyncs
 # the file: no place for it on an event loop). After _NOWAIT_RUN such steps in a row, one step goes through a worker
 # thread instead, on a pooled connection whose commit runs SQLite's automatic checkpoint when the WAL is due.
@@ -352,6 +356,32 @@ def _primary_code(exc: sqlite3.Error) -> int | None:
     return None
 
 
+def _delete_slice(
+    conn: sqlite3.Connection, table: str, key: str, start: str, where: str, params: tuple[Any, ...]
+) -> str:
+    """Delete the rows matching ``where`` among the next :data:`_PRUNE_SCAN` of ``table`` after ``start`` in the order
+    of its primary key ``key``; return where the next slice starts ("" again after the last row)."""
+    last = conn.execute(
+        f"SELECT {key} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT 1 OFFSET ?", (start, _PRUNE_SCAN - 1)
+    ).fetchone()
+    if last is None:  # fewer rows than a slice are left: take them all, and start over next time
+        conn.execute(f"DELETE FROM {table} WHERE {key} > ? {where}", (start, *params))
+        return ""
+    conn.execute(f"DELETE FROM {table} WHERE {key} > ? AND {key} <= ? {where}", (start, last[0], *params))
+    return str(last[0])
+
+
+def _trim_events(conn: sqlite3.Connection, maxlen: int) -> None:
+    """Keep about the ``maxlen`` newest events (by ``seq``, as Redis's ``XADD MAXLEN ~``), deleting at most
+    :data:`_EVENT_TRIM` of the oldest. Two one-row seeks of the primary key, then a range of it."""
+    lo, hi = conn.execute("SELECT (SELECT MIN(seq) FROM events), (SELECT MAX(seq) FROM events)").fetchone()
+    if hi is None:
+        return
+    cut = min(hi - maxlen, lo + _EVENT_TRIM - 1)
+    if cut >= lo:
+        conn.execute("DELETE FROM events WHERE seq <= ?", (cut,))
+
+
 def _in_transaction(conn: sqlite3.Connection, write: bool, step: Callable[..., _T], args: tuple[Any, ...]) -> _T:
     """``step(conn, *args)``: a write in ``BEGIN IMMEDIATE`` ... ``COMMIT``, a read as one autocommit statement."""
     if not write:
@@ -374,16 +404,27 @@ class SQLiteLedger(Ledger):
     that. Pruning runs inside a settle's transaction every few hundred settles and examines a bounded slice of the
     table, so no settle pays for more than about a millisecond of it and none scans the table. It judges age by
     the ``now`` the settles pass, like every other time rule here, so a clock far in the future prunes early.
-    Events are never pruned.
+
+    The same prune keeps the rest of the file from growing with time, as the Redis ledger's expiries do:
+    ``window_grace`` (default 7 days, as Redis) after a window ends its account row is deleted once nothing is held
+    on it (a total budget's account is kept forever), and ``events_maxlen`` (default ``None``: every event is kept,
+    as this is the machine's spend history for reports) caps the events at about that many of the newest.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, settled_ttl: float = 86_400.0
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 10.0,
+        settled_ttl: float = 86_400.0,
+        window_grace: float = 7 * 86_400.0,
+        events_maxlen: int | None = None,
     ) -> None:
         if busy_timeout < 0:
             raise ValueError("busy_timeout must be >= 0 seconds")
         if not settled_ttl > 0:
             raise ValueError("settled_ttl must be > 0 seconds")
+        check_retention(window_grace, events_maxlen)
         if sqlite3.sqlite_version_info < _MIN_SQLITE:
             raise LedgerError(
                 f"the SQLite ledger needs SQLite >= {'.'.join(map(str, _MIN_SQLITE))} (UPSERT); this Python has "
@@ -393,8 +434,11 @@ class SQLiteLedger(Ledger):
         self.url = "sqlite:///" + str(self.path)
         self.busy_timeout = float(busy_timeout)
         self.settled_ttl = float(settled_ttl)
+        self.window_grace = float(window_grace)
+        self.events_maxlen = events_maxlen
         self._settles = 0  # since the last prune; guarded by the write lock
-        self._prune_from = ""  # the prune's cursor: the last id it examined ("" = from the start)
+        self._prune_from = ""  # the prune's cursors: the last reservation id / account key it examined ("" = start)
+        self._accounts_from = ""
         self._pid = os.getpid()
         self._forks = _forks
         self._write_lock = threading.Lock()
@@ -921,26 +965,22 @@ class SQLiteLedger(Ledger):
         return True, rows
 
     def _prune(self, conn: sqlite3.Connection, now: float) -> None:
-        """Delete the finished reservations older than ``settled_ttl`` among the next :data:`_PRUNE_SCAN` rows of the
-        primary key after the cursor, then move the cursor past them (back to the start after the last row).
+        """Delete the finished reservations older than ``settled_ttl`` and the accounts of windows that ended more
+        than ``window_grace`` ago with nothing held, each among the next :data:`_PRUNE_SCAN` rows of its table's
+        primary key after that table's cursor; then trim the events to ``events_maxlen``.
 
         A slice of the primary key rather than an index on age: no index to update on every settle, no schema
         change for older versions sharing the file, and a bounded range whatever the ids look like (ours sort by
-        time, foreign ones anywhere). A held row is never deleted, whatever its age."""
+        time, foreign ones anywhere). A held row is never deleted, whatever its age, nor an account anything is held
+        on (a hold past its lease still counts until a reserve sweeps it)."""
         self._settles = 0
         cutoff = now - self.settled_ttl
-        start = self._prune_from
-        last = conn.execute(
-            "SELECT id FROM reservations WHERE id > ? ORDER BY id LIMIT 1 OFFSET ?", (start, _PRUNE_SCAN - 1)
-        ).fetchone()
-        if last is None:  # fewer rows than a slice are left: take them all, and start over next time
-            conn.execute(f"DELETE FROM reservations WHERE id > ? {_PRUNE_WHERE}", (start, cutoff, cutoff))
-            self._prune_from = ""
-        else:
-            conn.execute(
-                f"DELETE FROM reservations WHERE id > ? AND id <= ? {_PRUNE_WHERE}", (start, last[0], cutoff, cutoff)
-            )
-            self._prune_from = last[0]
+        self._prune_from = _delete_slice(conn, "reservations", "id", self._prune_from, _PRUNE_WHERE, (cutoff, cutoff))
+        self._accounts_from = _delete_slice(
+            conn, "accounts", "key", self._accounts_from, _ENDED_WHERE, (now - self.window_grace,)
+        )
+        if self.events_maxlen is not None:
+            _trim_events(conn, self.events_maxlen)
 
     @staticmethod
     def _balance(conn: sqlite3.Connection, allowance: Allowance, now: float) -> Balance:
