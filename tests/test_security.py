@@ -38,11 +38,12 @@ OPENAI_KEY = "sk-PLANTED-openai-4f9c2e7a1b3d5f6e8a0c"
 ANTHROPIC_KEY = "sk-ant-PLANTED-anthropic-9e8d7c6b5a4f3e2d1c0b"
 PROMPT_SECRET = "PROMPT-SECRET-coral-7731-do-not-store"
 WEBHOOK_TOKEN = "WEBHOOKTOKEN-xyzzy-5150-plugh"
+ANSWER_SECRET = "ANSWER-SECRET-heron-2288-do-not-store"  # in the model's reply: completion text
 
 
 def secrets() -> list[str]:
     """Every planted secret, plus the pieces a sink could hold without the whole (a key's 12-char windows)."""
-    out = [PROMPT_SECRET, WEBHOOK_TOKEN, f"Bearer {OPENAI_KEY}"]
+    out = [PROMPT_SECRET, ANSWER_SECRET, WEBHOOK_TOKEN, f"Bearer {OPENAI_KEY}"]
     for key in (OPENAI_KEY, ANTHROPIC_KEY):
         body = key.split("PLANTED-", 1)[1]
         out += [key] + [body[i : i + 12] for i in range(0, len(body) - 11)]
@@ -126,7 +127,7 @@ def run_everything(srv: StandInServer, ledger_url: str, hook: Hook, *, capture_c
          "alerts": {"webhook": {"url": hook.url, "retries": 0}}},
         tracer_provider=tp, meter_provider=MeterProvider(metric_readers=[reader]),
     )  # fmt: skip
-    srv.reply = Reply(text=TEXT, input_tokens=IN, output_tokens=OUT)
+    srv.reply = Reply(text=f"{TEXT} {ANSWER_SECRET}", input_tokens=IN, output_tokens=OUT)
     errors: list[BaseException] = []
     echo = {"error": {"message": f"Invalid request: 'My password is {PROMPT_SECRET}.' is not allowed",
                       "type": "invalid_request_error", "param": "messages", "code": "bad_prompt"}}  # fmt: skip
@@ -230,10 +231,12 @@ def test_no_secret_reaches_any_sink(tmp_path: Path, srv: StandInServer, hook: Ho
 
 
 def test_the_grep_finds_a_prompt_when_content_capture_is_on(srv: StandInServer, hook: Hook) -> None:
-    """Positive control: with ``capture_content=True`` (opt-in) the prompt is on the spans, and the grep says so."""
+    """Positive control: with ``capture_content=True`` (opt-in) the prompt and the answer are on the spans, and the
+    grep says so."""
     sinks = run_everything(srv, "memory://", hook, capture_content=True)
     found = [leaks(s.to_json()) for s in sinks.spans.get_finished_spans()]
     assert any(PROMPT_SECRET in f for f in found)
+    assert any(ANSWER_SECRET in f for f in found)
 
 
 def test_the_file_grep_finds_what_the_ledger_stores(tmp_path: Path, srv: StandInServer) -> None:

@@ -92,12 +92,21 @@ class Ticket:
     route: DowngradeTarget | None = None
     function: str | None = None
     run_id: str | None = None
+    output: Any = None
+    """With ``capture_content`` only: what the model answered, as JSON-able data in the vendor's own shape (set by
+    the SDK layer before it settles; it goes on the span as ``gen_ai.output.messages`` and nowhere else)."""
     settled: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def estimated_micros(self) -> int:
         return self.reserved_micros
+
+    @property
+    def capture_content(self) -> bool:
+        """Whether the user opted in to prompt and completion text on spans: only then is :attr:`output` worth
+        building."""
+        return self.guard.telemetry.capture_content
 
     def _claim(self) -> bool:
         with self._lock:
@@ -488,7 +497,7 @@ class Guard:
                 decision=ticket.decision, status=status, remaining_micros=remaining,
                 original_model=ticket.original_model,
                 principal_attrs=_principal_attrs(ticket.principal, ticket.function),
-                duration_s=duration, error=exc,
+                duration_s=duration, error=exc, output=ticket.output,
             )
         except Exception:
             log.exception("tokenbudget could not finish a span")

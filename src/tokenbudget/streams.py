@@ -10,6 +10,7 @@ usage, and the received text is counted only when a stream is cut short.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,7 +21,9 @@ from .calls import Usage
 if TYPE_CHECKING:
     from .guard import Ticket
 
-__all__ = ["BodyMeter", "StreamMeter", "attach", "meter_of"]
+__all__ = ["BodyMeter", "StreamMeter", "attach", "capture_output", "meter_of"]
+
+log = logging.getLogger("tokenbudget")
 
 _ATTR = "_tokenbudget_meter"
 
@@ -45,6 +48,11 @@ class StreamMeter:
         """Usage as the vendor reported it, or counted from what arrived when the stream was cut short."""
         raise NotImplementedError
 
+    def _output(self) -> Any:
+        """What the model answered, rebuilt from the events seen, in the shape the API gives it unstreamed (asked
+        for only with ``capture_content``, when the stream ends: the per-event work stays a substring test)."""
+        return None
+
     def _final_usage(self) -> Usage | None:
         """The usage to settle with, or None if this meter already settled (idempotent)."""
         with self._lock:
@@ -53,11 +61,16 @@ class StreamMeter:
             self._done = True
         if self._finalizer is not None:
             self._finalizer.detach()
+        capture_output(self.ticket, StreamMeter._output_of, self)
         try:
             return self._usage()
         except Exception as exc:  # a malformed stream must still settle
             self.error = self.error or exc
             return Usage(input_tokens=self.ticket.input_tokens, exact=False)
+
+    @staticmethod
+    def _output_of(meter: StreamMeter) -> Any:
+        return meter._output()
 
     def finish(self) -> None:
         """Settle the ticket (idempotent): vendor usage if the stream got that far, else input + text received."""
@@ -108,10 +121,13 @@ class StreamMeter:
 class BodyMeter(StreamMeter):
     """A non-SSE body the caller reads later (``with_streaming_response``): parse it when the response closes."""
 
-    def __init__(self, ticket: Ticket, response: Any, parse: Callable[[Any], Usage | None]) -> None:
+    def __init__(
+        self, ticket: Ticket, response: Any, parse: Callable[[Any], Usage | None], output: Callable[[Any], Any]
+    ) -> None:
         super().__init__(ticket)
         self._response = weakref.ref(response)
         self._parse = parse
+        self._extract = output
         self.reading = False
 
     def finish(self) -> None:
@@ -122,14 +138,33 @@ class BodyMeter(StreamMeter):
     def observe(self, data: str, event: str | None) -> bool:
         return True
 
-    def _usage(self) -> Usage:
+    def _body(self) -> Any:
         response = self._response()
         content = getattr(response, "_content", None) if response is not None else None
-        if content:
-            usage = self._parse(json.loads(content))
+        return json.loads(content) if content else None
+
+    def _usage(self) -> Usage:
+        body = self._body()
+        if body is not None:
+            usage = self._parse(body)
             if usage is not None:
                 return usage
         return Usage(input_tokens=self.ticket.input_tokens, exact=False)
+
+    def _output(self) -> Any:
+        body = self._body()
+        return self._extract(body) if body is not None else None
+
+
+def capture_output(ticket: Ticket, extract: Callable[[Any], Any], source: Any) -> None:
+    """With ``capture_content`` on, keep what the model answered for the call's span. Reading it is best effort: an
+    answer in a shape we do not know leaves the attribute off, it never fails or changes the call's settlement."""
+    if not ticket.capture_content:
+        return
+    try:
+        ticket.output = extract(source)
+    except Exception:
+        log.debug("tokenbudget could not read the answer's content for the span", exc_info=True)
 
 
 def meter_of(response: Any) -> StreamMeter | None:

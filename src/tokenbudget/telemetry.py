@@ -110,6 +110,7 @@ class Telemetry:
         duration_s: float,
         error: BaseException | None = None,
         budget_scope: str | None = None,
+        output: Any = None,
     ) -> None:
         response_model = usage.response_model if usage is not None else None
         error_type = _error_type(error) if error is not None else None
@@ -156,6 +157,8 @@ class Telemetry:
                 attrs[ga.GEN_AI_RESPONSE_ID] = usage.response_id
             if usage.finish_reasons:
                 attrs[ga.GEN_AI_RESPONSE_FINISH_REASONS] = list(usage.finish_reasons)
+        if output is not None and self.capture_content:
+            attrs[ga.GEN_AI_OUTPUT_MESSAGES] = _content_text(output)
         if error is not None:
             attrs[error_attributes.ERROR_TYPE] = error_type
             span.set_status(Status(StatusCode.ERROR, _safe_message(error)))
@@ -303,17 +306,25 @@ def _safe_message(error: BaseException) -> str:
 
 def _content_attributes(request: CallRequest) -> dict[str, str]:
     """Prompt content, only when the user opted in with ``capture_content=True`` (it may hold secrets or PII)."""
-    import json
-
     body = request.body
     out: dict[str, str] = {}
-    for field, attr in (("messages", "gen_ai.input.messages"), ("input", "gen_ai.input.messages"),
-                        ("prompt", "gen_ai.input.messages"), ("system", "gen_ai.system_instructions"),
-                        ("instructions", "gen_ai.system_instructions")):
+    for field, attr in (("messages", ga.GEN_AI_INPUT_MESSAGES), ("input", ga.GEN_AI_INPUT_MESSAGES),
+                        ("prompt", ga.GEN_AI_INPUT_MESSAGES), ("system", ga.GEN_AI_SYSTEM_INSTRUCTIONS),
+                        ("instructions", ga.GEN_AI_SYSTEM_INSTRUCTIONS)):  # fmt: skip
         value = body.get(field)
         if value is not None and attr not in out:
-            try:
-                out[attr] = json.dumps(value, default=str, ensure_ascii=False)[:100_000]
-            except (TypeError, ValueError):
-                out[attr] = str(value)[:100_000]
+            out[attr] = _content_text(value)
     return out
+
+
+_MAX_CONTENT = 100_000  # characters per attribute: one huge prompt must not become a multi-megabyte span
+
+
+def _content_text(value: Any) -> str:
+    """Content as the JSON text a span attribute carries, in the vendor's own shape, cut at :data:`_MAX_CONTENT`."""
+    import json
+
+    try:
+        return json.dumps(value, default=str, ensure_ascii=False)[:_MAX_CONTENT]
+    except (TypeError, ValueError):
+        return str(value)[:_MAX_CONTENT]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..calls import CallRequest, Usage
 from ..streams import StreamMeter
-from .base import decision_changes, field_of, server_of
+from .base import decision_changes, field_of, jsonable, server_of
 
 if TYPE_CHECKING:
     from ..guard import Ticket
@@ -62,16 +62,24 @@ def usage_from(obj: Any) -> Usage | None:
     return usage
 
 
+def output_from(obj: Any) -> Any:
+    """A message's ``content`` blocks, as JSON data."""
+    return jsonable(_get(obj, "content"))
+
+
 class MessagesStreamMeter(StreamMeter):
     def __init__(self, ticket: Ticket, *, hide_usage_chunk: bool = False) -> None:
         super().__init__(ticket)
         self.usage = Usage(exact=False)
         self.started = False
         self.ended = False
+        self.blocks: list[str] = []  # content_block_start events: a few per message, what each block is
 
     def observe(self, data: str, event: str | None) -> bool:
         if event == "content_block_delta":
             self.chunks.append(data)
+        elif event == "content_block_start":
+            self.blocks.append(data)
         elif event == "message_start":
             message = json.loads(data).get("message") or {}
             _apply_usage(self.usage, message.get("usage") or {})
@@ -104,6 +112,34 @@ class MessagesStreamMeter(StreamMeter):
             text.append(delta.get("text") or delta.get("partial_json") or delta.get("thinking") or "")
         usage.output_tokens = max(usage.output_tokens, self.count_text("".join(text)))
         return usage
+
+    def _output(self) -> Any:
+        """The ``content`` blocks an unstreamed call would have returned: each block as it started, with its text,
+        thinking or tool input (the JSON parts joined, then parsed) filled in from the deltas."""
+        blocks: dict[int, dict[str, Any]] = {}
+        for raw in self.blocks:
+            start = json.loads(raw)
+            blocks[start.get("index", 0)] = dict(start.get("content_block") or {})
+        partial: dict[int, list[str]] = {}
+        for raw in self.chunks:
+            payload = json.loads(raw)
+            index = payload.get("index", 0)
+            block = blocks.setdefault(index, {"type": "text", "text": ""})
+            delta = payload.get("delta") or {}
+            kind = delta.get("type")
+            if kind == "text_delta":
+                block["text"] = (block.get("text") or "") + (delta.get("text") or "")
+            elif kind == "thinking_delta":
+                block["thinking"] = (block.get("thinking") or "") + (delta.get("thinking") or "")
+            elif kind == "input_json_delta":
+                partial.setdefault(index, []).append(delta.get("partial_json") or "")
+        for index, parts in partial.items():
+            text = "".join(parts)
+            try:
+                blocks[index]["input"] = json.loads(text) if text else {}
+            except ValueError:  # cut short mid-JSON: keep what arrived
+                blocks[index]["input"] = text
+        return [blocks[i] for i in sorted(blocks)]
 
 
 class AnthropicAdapter:
@@ -138,6 +174,9 @@ class AnthropicAdapter:
 
     def usage(self, response: Any) -> Usage | None:
         return usage_from(response)
+
+    def output(self, response: Any) -> Any:
+        return output_from(response)
 
     def stream_meter(self, ticket: Ticket, hide_usage_chunk: bool) -> StreamMeter:
         return MessagesStreamMeter(ticket)

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from .._runtime import active_guard
 from ..calls import CallRequest, Usage
-from ..streams import BodyMeter, StreamMeter, attach, meter_of
+from ..streams import BodyMeter, StreamMeter, attach, capture_output, meter_of
 
 if TYPE_CHECKING:
     from ..guard import Guard, Ticket
@@ -42,6 +42,10 @@ class Adapter(Protocol):
 
     def usage(self, response: Any) -> Usage | None:
         """Usage of a parsed response object or its JSON dict."""
+
+    def output(self, response: Any) -> Any:
+        """What the model answered in a parsed response object or its JSON dict, as JSON-able data in the API's own
+        shape (asked for only with ``capture_content``); None when the endpoint answers no text (embeddings)."""
 
     def stream_meter(self, ticket: Ticket, hide_usage_chunk: bool) -> StreamMeter:
         """A meter for this call's SSE stream."""
@@ -129,6 +133,15 @@ _NO_EXTRA: dict[str, Any] = {}
 _PYDANTIC_GETATTR = getattr(BaseModel, "__getattr__", None)
 
 
+def jsonable(value: Any) -> Any:
+    """An SDK response model (or a list of them) as plain JSON data; dicts and scalars as they are."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=True, warnings=False)
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def field_of(obj: Any, name: str) -> Any:
     """``obj.name`` or ``obj[name]``, ``None`` when absent, for SDK response models and their JSON dicts alike.
 
@@ -177,20 +190,23 @@ def _after(
     content = getattr(http, "_content", None)
     if content is not None:  # body already read (with_raw_response)
         try:
-            usage = adapter.usage(json.loads(content))
+            body = json.loads(content)
+            usage = adapter.usage(body)
         except ValueError:
             usage = None
         if usage is not None:
+            capture_output(ticket, adapter.output, body)
             ticket.ok(usage)
         else:
             ticket.abandoned(None)
         return None
-    attach(http, BodyMeter(ticket, http, adapter.usage), is_async=is_async)
+    attach(http, BodyMeter(ticket, http, adapter.usage, adapter.output), is_async=is_async)
     return None
 
 
 def _settle_parsed(adapter: Adapter, ticket: Ticket, result: Any, is_async: bool) -> Usage | None:
     usage = adapter.usage(result)
+    capture_output(ticket, adapter.output, result)
     if usage is None:
         usage = Usage(input_tokens=ticket.input_tokens, exact=False)
     if is_async:

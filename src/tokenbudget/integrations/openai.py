@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..calls import CallRequest, Usage
 from ..streams import StreamMeter
-from .base import decision_changes, field_of, server_of
+from .base import decision_changes, field_of, jsonable, server_of
 
 if TYPE_CHECKING:
     from ..guard import Ticket
@@ -63,6 +63,13 @@ def usage_from(obj: Any) -> Usage | None:
     return usage
 
 
+def output_from(obj: Any) -> Any:
+    """The answer of a Responses (``output``), chat or completion (``choices``) result, as JSON data in that shape;
+    None for embeddings (vectors are not content)."""
+    out = _get(obj, "output")
+    return jsonable(out if out is not None else _get(obj, "choices"))
+
+
 class ChatStreamMeter(StreamMeter):
     """Chat / legacy completion chunks: usage rides on the last chunk when ``include_usage`` is set."""
 
@@ -105,6 +112,37 @@ class ChatStreamMeter(StreamMeter):
         usage.response_model, usage.response_id = model, rid
         return usage
 
+    def _output(self) -> Any:
+        """The ``choices`` an unstreamed call would have returned: each choice's text, tool calls (arguments joined
+        by call index) and finish reason, rebuilt from the deltas."""
+        choices: dict[int, dict[str, Any]] = {}
+        for raw in self.chunks:
+            for c in json.loads(raw).get("choices") or ():
+                choice = choices.setdefault(c.get("index", 0), {"index": c.get("index", 0)})
+                if c.get("finish_reason"):
+                    choice["finish_reason"] = c["finish_reason"]
+                if "text" in c:  # a legacy completion
+                    choice["text"] = choice.get("text", "") + (c.get("text") or "")
+                    continue
+                delta = c.get("delta") or {}
+                message = choice.setdefault("message", {"role": delta.get("role") or "assistant"})
+                if delta.get("content"):
+                    message["content"] = message.get("content", "") + delta["content"]
+                for call in delta.get("tool_calls") or ():
+                    calls = message.setdefault("tool_calls", {})
+                    slot = calls.setdefault(call.get("index", 0), {"type": "function", "function": {"arguments": ""}})
+                    if call.get("id"):
+                        slot["id"] = call["id"]
+                    fn = call.get("function") or {}
+                    if fn.get("name"):
+                        slot["function"]["name"] = fn["name"]
+                    slot["function"]["arguments"] += fn.get("arguments") or ""
+        for choice in choices.values():
+            calls = choice.get("message", {}).get("tool_calls")
+            if calls is not None:
+                choice["message"]["tool_calls"] = [calls[i] for i in sorted(calls)]
+        return [choices[i] for i in sorted(choices)]
+
     def _finish_reasons(self) -> list[str]:
         for raw in reversed(self.chunks[-3:]):
             if '"finish_reason":"' in raw or '"finish_reason": "' in raw:
@@ -122,12 +160,14 @@ class ResponsesStreamMeter(StreamMeter):
     def __init__(self, ticket: Ticket, *, hide_usage_chunk: bool = False) -> None:
         super().__init__(ticket)
         self.reported: Usage | None = None
+        self.final: Any = None
 
     def observe(self, data: str, event: str | None) -> bool:
         if '"usage":{' in data or '"usage": {' in data:
             payload = json.loads(data)
             response = payload.get("response") or payload
             self.reported = usage_from(response)
+            self.final = response
         elif "output_text.delta" in data[:64] or "arguments.delta" in data[:64]:
             self.chunks.append(data)
         return True
@@ -142,6 +182,23 @@ class ResponsesStreamMeter(StreamMeter):
             except ValueError:
                 continue
         return Usage(input_tokens=self.ticket.input_tokens, output_tokens=self.count_text("".join(text)), exact=False)
+
+    def _output(self) -> Any:
+        """The final response's ``output`` when it came; else the text and tool-call arguments that arrived."""
+        if self.final is not None:
+            return output_from(self.final)
+        text: list[str] = []
+        arguments: list[str] = []
+        for raw in self.chunks:
+            event = json.loads(raw)
+            (arguments if "arguments" in (event.get("type") or "") else text).append(event.get("delta") or "")
+        out: list[dict[str, Any]] = []
+        if text:
+            out.append({"type": "message", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "".join(text)}]})  # fmt: skip
+        if arguments:
+            out.append({"type": "function_call", "arguments": "".join(arguments)})
+        return out
 
 
 class OpenAIAdapter:
@@ -190,6 +247,9 @@ class OpenAIAdapter:
 
     def usage(self, response: Any) -> Usage | None:
         return usage_from(response)
+
+    def output(self, response: Any) -> Any:
+        return output_from(response)
 
     def stream_meter(self, ticket: Ticket, hide_usage_chunk: bool) -> StreamMeter:
         if ticket.request.body.get("input") is not None and "messages" not in ticket.request.body:
