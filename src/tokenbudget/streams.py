@@ -61,16 +61,12 @@ class StreamMeter:
             self._done = True
         if self._finalizer is not None:
             self._finalizer.detach()
-        capture_output(self.ticket, StreamMeter._output_of, self)
+        capture_output(self.ticket, self._output)
         try:
             return self._usage()
         except Exception as exc:  # a malformed stream must still settle
             self.error = self.error or exc
             return Usage(input_tokens=self.ticket.input_tokens, exact=False)
-
-    @staticmethod
-    def _output_of(meter: StreamMeter) -> Any:
-        return meter._output()
 
     def finish(self) -> None:
         """Settle the ticket (idempotent): vendor usage if the stream got that far, else input + text received."""
@@ -156,13 +152,13 @@ class BodyMeter(StreamMeter):
         return self._extract(body) if body is not None else None
 
 
-def capture_output(ticket: Ticket, extract: Callable[[Any], Any], source: Any) -> None:
-    """With ``capture_content`` on, keep what the model answered for the call's span. Reading it is best effort: an
-    answer in a shape we do not know leaves the attribute off, it never fails or changes the call's settlement."""
+def capture_output(ticket: Ticket, read: Callable[[], Any]) -> None:
+    """With ``capture_content`` on, keep what the model answered (``read()``) for the call's span. Reading it is best
+    effort: an answer in a shape we do not know leaves the attribute off, it never fails or changes the settlement."""
     if not ticket.capture_content:
         return
     try:
-        ticket.output = extract(source)
+        ticket.output = read()
     except Exception:
         log.debug("tokenbudget could not read the answer's content for the span", exc_info=True)
 

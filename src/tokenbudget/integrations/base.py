@@ -195,7 +195,7 @@ def _after(
         except ValueError:
             usage = None
         if usage is not None:
-            capture_output(ticket, adapter.output, body)
+            capture_output(ticket, lambda: adapter.output(body))
             ticket.ok(usage)
         else:
             ticket.abandoned(None)
@@ -206,7 +206,7 @@ def _after(
 
 def _settle_parsed(adapter: Adapter, ticket: Ticket, result: Any, is_async: bool) -> Usage | None:
     usage = adapter.usage(result)
-    capture_output(ticket, adapter.output, result)
+    capture_output(ticket, lambda: adapter.output(result))
     if usage is None:
         usage = Usage(input_tokens=ticket.input_tokens, exact=False)
     if is_async:
