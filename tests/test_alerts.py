@@ -638,6 +638,68 @@ def test_cooldown_one_incident_is_one_alert_per_principal(collected: Collected) 
     assert collected.items[1].time - collected.items[0].time > guard.settings.alerts.cooldown_seconds
 
 
+def _collecting(settings: AlertSettings, ledger: Any) -> tuple[AlertManager, list[Alert]]:
+    m = AlertManager(settings, ledger)
+    got: list[Alert] = []
+    m.dispatcher.submit = lambda a, c: got.append(a)  # type: ignore[method-assign]
+    return m, got
+
+
+def test_processes_sharing_a_ledger_page_once_per_incident(tmp_path: Any) -> None:
+    """Two processes (two managers, two handles on one SQLite file) each carry half of bob's calls: both see the
+    incident, one pages; a new incident after the cooldown pages once again; the marker holds nothing."""
+    from tokenbudget.ledger.sqlite import SQLiteLedger
+
+    path = tmp_path / "shared.db"
+    ledgers = [SQLiteLedger(path), SQLiteLedger(path)]
+    pairs = [_collecting(AlertSettings(), led) for led in ledgers]
+
+    def incident(t0: float) -> None:  # $2 every 10 s, alternating: $30 per 5 min in each process's view
+        for i in range(60):
+            pairs[i % 2][0].on_event(event(t0 + 10 * i, "bob", "data", 2_000_000))
+
+    incident(START)
+    assert sorted(len(got) for _, got in pairs) == [0, 1]  # each process alone would have paged: see below
+    incident(START + 2 * 3600)  # after the cooldown (3600 s) and a quiet spell
+    assert sum(len(got) for _, got in pairs) == 2
+    assert all(a.scope == "user:bob" for _, got in pairs for a in got)
+    assert ledgers[0].active_reservations(now=START + 3 * 3600) == []
+    for led in ledgers:
+        led.close()
+
+    alone, got = _collecting(AlertSettings(), MemoryLedger())  # the control: one process, half the calls
+    for i in range(0, 60, 2):
+        alone.on_event(event(START + 10 * i, "bob", "data", 2_000_000))
+    assert len(got) == 1
+
+
+def test_racing_spike_claims_are_won_by_exactly_one(tmp_path: Any) -> None:
+    """The claim is a compare-and-set in the ledger: eight threads, each with its own handle on one file, claim
+    the same principal at the same instant; one wins, and after the cooldown one wins again."""
+    from tokenbudget.ledger.sqlite import SQLiteLedger
+
+    path = tmp_path / "race.db"
+    managers = [AlertManager(AlertSettings(), SQLiteLedger(path)) for _ in range(8)]
+    for now in (START, START + 3601):
+        gate = threading.Barrier(len(managers))
+        won: list[bool] = []
+
+        def claim(m: AlertManager, at: float = now) -> None:
+            gate.wait()
+            won.append(m._claim_spike("user:eve", at))
+
+        threads = [threading.Thread(target=claim, args=(m,)) for m in managers]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert sorted(won) == [False] * 7 + [True]
+    assert managers[0]._claim_spike("user:eve", START + 3601 + 3599) is False  # still within that cooldown
+    assert managers[0]._claim_spike("user:ann", START + 3602) is True  # another principal is its own
+    for m in managers:
+        m.ledger.close()
+
+
 def test_cooldown_setting_is_honoured() -> None:
     settings = AlertSettings(cooldown_seconds=0)
     m = AlertManager(settings, MemoryLedger())

@@ -678,7 +678,7 @@ class AlertManager:
         try:
             alerts: list[Alert] = []
             if event.cost_micros > 0:
-                alerts.extend(self._spikes(event))
+                alerts.extend(a for a in self._spikes(event) if self._claim_spike(a.scope, event.time))
             if allowances and (event.cost_micros > 0 or event.input_tokens + event.output_tokens > 0):
                 alerts.extend(self._threshold_alerts(event, allowances, balances or {}))
             if alerts:
@@ -737,6 +737,34 @@ class AlertManager:
             baseline_windows=None if base is None else base.windows,
             trigger_usd=spike.trigger_micros / 1e6,
         )
+
+    def _claim_spike(self, key: str, now: float) -> bool:
+        """Whether this process sends the spike alert for ``key``: processes sharing a ledger that see one incident
+        (each with its share of the principal's calls) page once per cooldown between them, not once each.
+
+        A compare-and-set through the ledger's own reserve and settle: a marker account whose spent figure is the
+        time, in whole seconds, until which the principal's spike alerts are taken. Read it (``q``); if that time is
+        past, reserve ``now - q`` against a limit of ``now``, which fits only while the figure is still ``q`` with
+        nothing held on it (so of two processes racing, one wins); then settle for ``now + cooldown - q``, which
+        sets the figure to ``now + cooldown``. No event, and nothing stays held. The key ends in ``~alert@spike``,
+        which no report mistakes for a budget."""
+        cooldown = math.ceil(self.spikes.cooldown)
+        if cooldown <= 0:
+            return True
+        marker = Allowance(key=f"{key}~alert@spike", scope=f"{key}~alert")
+        t = int(now)
+        try:
+            taken_until = self.ledger.balance(marker, now=now).spent_micros
+            if taken_until >= t:
+                return False  # another process alerted for this principal within the cooldown
+            limit = Allowance(marker.key, marker.scope, limit_micros=t)
+            got = self.ledger.reserve([limit], t - taken_until, 0, lease_seconds=60.0, now=now)
+            if isinstance(got, Refusal):
+                return False  # another process claimed it between the read and the reserve
+            self.ledger.settle(got, t + cooldown - taken_until, 0, None, now=now)
+        except Exception:
+            log.warning("tokenbudget could not record a spike alert in the ledger; sending it from here anyway")
+        return True
 
     def seed(self, events: Iterable[CallEvent]) -> int:
         """Rebuild spend baselines from recorded events (oldest first) without alerting; returns how many counted.
