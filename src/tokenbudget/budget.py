@@ -12,9 +12,8 @@ import functools
 import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 from .config import BudgetRule
 from .errors import ConfigError
@@ -26,8 +25,7 @@ __all__ = ["active_function_allowances", "budget", "rule_for_function_allowance"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@dataclass(frozen=True, slots=True)
-class _Run:
+class _Run(NamedTuple):  # a NamedTuple, not a dataclass: cheaper to define at import (see guard._Reserve)
     name: str
     run_id: str
     rule: BudgetRule

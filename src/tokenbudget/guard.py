@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 from .budget import active_function_allowances, rule_for_function_allowance
 from .calls import CallRequest, Usage
@@ -50,20 +50,19 @@ _Settlement = tuple[CallEvent, "CallEvent | None", int, int, float, float]
 """What :meth:`Guard._settlement` works out: the event, the event to record (or None), cost, tokens, now, duration."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Reserve:
+# The guard's internal records are NamedTuples, not dataclasses: on Python 3.11 each @dataclass compiles its methods
+# with exec() when the module is imported, about a millisecond apiece, and start-up is one of the guard's costs.
+class _Reserve(NamedTuple):
     allowances: tuple[Allowance, ...]
     micros: int
     tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Balances:
+class _Balances(NamedTuple):
     allowances: tuple[Allowance, ...]
 
 
-@dataclass(slots=True)
-class _Plan:
+class _Plan(NamedTuple):
     request: CallRequest
     price: ModelPrice
     input_tokens: int

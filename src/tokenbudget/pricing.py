@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from importlib.metadata import version as _dist_version
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from .calls import Usage
 from .errors import ConfigError, UnknownModelError
@@ -201,8 +201,7 @@ _OVERRIDE_OTHER_KEYS = ("max_output_tokens", "context_window", "provider", "batc
 _ALLOWED_KEYS_TEXT = ", ".join((*_OVERRIDE_PRICE_KEYS, *_OVERRIDE_OTHER_KEYS))
 
 
-@dataclass(frozen=True, slots=True)
-class _Override:
+class _Override(NamedTuple):  # a NamedTuple, not a dataclass: cheaper to define at import (see guard._Reserve)
     prices: Mapping[str, int]
     """Canonical price field -> pico-dollars per token; only the fields the user gave."""
     max_output_tokens: int | None = None

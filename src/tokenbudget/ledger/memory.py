@@ -8,7 +8,6 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 from ..events import CallEvent
 from .base import Allowance, Balance, Grant, Ledger, Refusal, Reservation, check_retention, effective_limits, fits
@@ -18,14 +17,15 @@ __all__ = ["MemoryLedger"]
 _SWEEP_EVERY = 60.0  # seconds of ledger time between two looks for ended windows
 
 
-@dataclass(slots=True)
 class _Account:
-    scope: str
-    spent_micros: int = 0
-    reserved_micros: int = 0
-    spent_tokens: int = 0
-    reserved_tokens: int = 0
-    window_end: float | None = None
+    """One allowance's running totals (a plain class: a dataclass costs ~1 ms of exec() at import on Python 3.11)."""
+
+    __slots__ = ("reserved_micros", "reserved_tokens", "scope", "spent_micros", "spent_tokens", "window_end")
+
+    def __init__(self, scope: str, window_end: float | None = None) -> None:
+        self.scope = scope
+        self.window_end = window_end
+        self.spent_micros = self.reserved_micros = self.spent_tokens = self.reserved_tokens = 0
 
 
 class MemoryLedger(Ledger):
