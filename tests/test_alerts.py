@@ -680,15 +680,15 @@ def test_racing_spike_claims_are_won_by_exactly_one(tmp_path: Any) -> None:
 
     path = tmp_path / "race.db"
     managers = [AlertManager(AlertSettings(), SQLiteLedger(path)) for _ in range(8)]
+
+    def claim(m: AlertManager, at: float, gate: threading.Barrier, won: list[bool]) -> None:
+        gate.wait()
+        won.append(m._claim_spike("user:eve", at))
+
     for now in (START, START + 3601):
         gate = threading.Barrier(len(managers))
         won: list[bool] = []
-
-        def claim(m: AlertManager, at: float = now) -> None:
-            gate.wait()
-            won.append(m._claim_spike("user:eve", at))
-
-        threads = [threading.Thread(target=claim, args=(m,)) for m in managers]
+        threads = [threading.Thread(target=claim, args=(m, now, gate, won)) for m in managers]
         for th in threads:
             th.start()
         for th in threads:

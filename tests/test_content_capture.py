@@ -204,3 +204,30 @@ def test_a_huge_answer_is_cut_to_the_attribute_limit(openai_client: Any, srv: St
     _chat(openai_client, True)
     (span,) = otel.spans()
     assert len(span.attributes["gen_ai.output.messages"]) == 100_000
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+def test_a_call_downgraded_to_the_other_protocol_shows_the_answer_as_the_caller_got_it(
+    openai_client: Any, anthropic_client: Any, srv: StandInServer, otel: Any, stream: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The answer of a translated call is captured in the caller's protocol, as the caller's SDK received it."""
+    monkeypatch.setenv("IN_HOUSE_KEY", "k")
+    tokenbudget.install({
+        "ledger": "memory://", "capture_content": True,
+        "budgets": [{"scope": "org", "limit_usd": 0.000001, "on_exhaust": "downgrade"}],
+        "downgrade": {
+            "gpt-4o-mini": {"model": "metaclaude", "base_url": srv.anthropic_base_url, "api": "anthropic",
+                            "api_key_env": "IN_HOUSE_KEY"},
+            "claude-haiku-4-5": {"model": "metacode-7b", "base_url": srv.openai_base_url, "api": "openai",
+                                 "api_key_env": "IN_HOUSE_KEY"},
+        },
+        "prices": {"metaclaude": {"input": 0, "output": 0}, "metacode-7b": {"input": 0, "output": 0}},
+    })  # fmt: skip
+    srv.reply = Reply(text=TEXT)
+    _chat(openai_client, stream)  # served by an Anthropic-messages server
+    _messages(anthropic_client, "stream=True" if stream else "create")  # served by a chat server
+    answers = {s.attributes["tokenbudget.original_model"]: json.loads(s.attributes["gen_ai.output.messages"])
+               for s in otel.spans()}  # fmt: skip
+    assert answers["gpt-4o-mini"][0]["message"]["content"] == TEXT
+    assert answers["claude-haiku-4-5"] == [{"type": "text", "text": TEXT}]
