@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar, overload
 
 from .budget import active_function_allowances, rule_for_function_allowance
 from .calls import CallRequest, Usage
@@ -289,7 +289,7 @@ class Guard:
         while True:
             try:
                 # At once when the ledger need not wait (memory, an uncontended SQLite file): no thread, no task.
-                answer = self._answer_nowait(ask)
+                answer = self._answer(ask, nowait=True)
                 if answer is None:
                     # A ledger working in a thread may finish the reservation after the caller was cancelled: take its
                     # answer anyway, so no hold is orphaned, and give the hold back below (the request was never sent).
@@ -310,28 +310,26 @@ class Guard:
                     raise cancelled from exc
                 raise
 
-    def _answer(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance]:
+    @overload
+    def _answer(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance]: ...
+    @overload
+    def _answer(self, ask: _Reserve | _Balances, *, nowait: bool) -> Reservation | Refusal | list[Balance] | None: ...
+    def _answer(
+        self, ask: _Reserve | _Balances, *, nowait: bool = False
+    ) -> Reservation | Refusal | list[Balance] | None:
+        """The ledger's answer to one step of the negotiation. ``nowait``: through the ledger's nowait forms (see
+        :meth:`Ledger.reserve_nowait`), so None when the ledger would have to wait (the waiting forms never are)."""
         if self._deferred:
             self._settle_deferred()
         now = self.clock.now()
+        ledger = self.ledger
         if isinstance(ask, _Reserve):
-            return self.ledger.reserve(
-                ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
-            )
-        return [self.ledger.balance(a, now=now) for a in ask.allowances]
-
-    def _answer_nowait(self, ask: _Reserve | _Balances) -> Reservation | Refusal | list[Balance] | None:
-        """``_answer`` if the ledger can give it without waiting (see :meth:`Ledger.reserve_nowait`), else None."""
-        if self._deferred:
-            self._settle_deferred()
-        now = self.clock.now()
-        if isinstance(ask, _Reserve):
-            return self.ledger.reserve_nowait(
-                ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now
-            )
+            reserve = ledger.reserve_nowait if nowait else ledger.reserve
+            return reserve(ask.allowances, ask.micros, ask.tokens, lease_seconds=self.settings.lease_seconds, now=now)
+        balance = ledger.balance_nowait if nowait else ledger.balance
         out: list[Balance] = []
         for a in ask.allowances:
-            bal = self.ledger.balance_nowait(a, now=now)
+            bal = balance(a, now=now)
             if bal is None:
                 return None
             out.append(bal)
