@@ -449,10 +449,8 @@ class Guard:
 
     async def _through_cancel(self, ledger_work: Coroutine[Any, Any, _T]) -> tuple[_T, asyncio.CancelledError | None]:
         """Run ``ledger_work`` to its end even if the caller is cancelled meanwhile; return its result and the cancel
-        (if one came), for the caller to pass on once the ledger is consistent. A ledger whose async forms never
-        suspend needs no task: no cancel can land inside it."""
-        if self.ledger.async_in_place:
-            return await ledger_work, None
+        (if one came), for the caller to pass on once the ledger is consistent. (A ledger that can answer without
+        waiting never gets here: the nowait steps answer first, and no cancel can land inside them.)"""
         work = asyncio.ensure_future(ledger_work)
         cancelled: asyncio.CancelledError | None = None
         while True:

@@ -142,9 +142,6 @@ class Ledger(abc.ABC):
     """Abstract ledger. Sync methods are the contract; async ones default to running them in a thread."""
 
     url: str = ""
-    async_in_place: bool = False
-    """True when the async forms never suspend (no I/O, no thread): a cancel cannot land inside them, so the guard
-    awaits them directly instead of shielding them in a task of their own."""
 
     @abc.abstractmethod
     def reserve(

@@ -40,8 +40,6 @@ class MemoryLedger(Ledger):
     dropped once nothing is held on it (looked for at most once a minute of that time, one pass over the accounts),
     and ``events_maxlen`` (default ``None``: all kept) keeps about that many of the newest events."""
 
-    async_in_place = True
-
     def __init__(
         self, *, settled_ttl: float = 86_400.0, window_grace: float = 7 * 86_400.0, events_maxlen: int | None = None
     ) -> None:
