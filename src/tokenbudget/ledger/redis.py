@@ -1082,8 +1082,7 @@ class RedisLedger(Ledger):
         self._grant_seq = tag + "grant_seq"
         self._scope_grants = tag + "gscope:"
 
-        self._redis_url = target.redis_url
-        self._pool_kwargs: dict[str, Any] = {
+        pool_kwargs: dict[str, Any] = {
             "max_connections": max_connections,
             # Waiting for a free pooled connection is bounded too; generous, as it means a burst, not an outage.
             "timeout": 2 * (self.connect_timeout + self.socket_timeout),
@@ -1094,13 +1093,13 @@ class RedisLedger(Ledger):
         user = os.environ.get("TOKENBUDGET_REDIS_USERNAME")
         password = os.environ.get("TOKENBUDGET_REDIS_PASSWORD")
         if user:
-            self._pool_kwargs["username"] = user  # the URL's own credentials win (redis-py applies them last)
+            pool_kwargs["username"] = user  # the URL's own credentials win (redis-py applies them last)
         if password:
-            self._pool_kwargs["password"] = password
+            pool_kwargs["password"] = password
         # One retry, after a short pause: enough to replace a pooled connection Redis closed (restart, idle
         # timeout), bounded so a dead server costs a caller at most ~2 x (connect + socket timeout).
         self._pool = redis.BlockingConnectionPool.from_url(
-            self._redis_url, retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 1), **self._pool_kwargs
+            target.redis_url, retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 1), **pool_kwargs
         )
         self._client = redis.Redis(connection_pool=self._pool)
         self._reserve_script = self._client.register_script(_RESERVE)
@@ -1201,7 +1200,7 @@ class RedisLedger(Ledger):
         self._healthy()
         return out
 
-    # -- argument building (shared by the sync and async paths) -----------------------------------------------------
+    # -- argument building -------------------------------------------------------------------------------------------
     def _expireat(self, window_end: float | None) -> str:
         if window_end is None:
             return ""
