@@ -4,7 +4,8 @@ A meter is attached to the SDK's HTTP response object, because every path that r
 ``stream=True``, ``messages.stream()``, ``with_raw_response``, ``with_streaming_response`` -- reads it from
 that one object. It settles on the first of: the events running out, the response being closed, or the response
 being garbage collected. The per-event work is a substring test; JSON is parsed only for the events that carry
-usage, and the received text is counted only when a stream is cut short.
+usage, the received text is counted only when a stream is cut short, and the answer is rebuilt from the kept events
+only when the user opted in to ``capture_content``.
 """
 
 from __future__ import annotations
